@@ -1,0 +1,284 @@
+"""The split VGG-like network, written as data.
+
+A ModelConfig (stored in every checkpoint) says everything needed to rebuild a model:
+the clear part's conv, the encrypted part's layer table and the bit widths. The full model
+is `encrypted(clear(x))`:
+
+  ClearModule      float conv + batch norm (+ one pooling), ending with the split quantizer;
+                   runs on the client, in the clear.
+  EncryptedModule  starts with the same split quantizer (so Concrete ML knows the input
+                   scale), then quantized convs / linears, compiled to FHE for the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import brevitas.nn as qnn
+import torch
+from brevitas.core.scaling import ScalingImplType
+from brevitas.quant import Int8ActPerTensorFloatMinMaxInit, Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
+from torch import nn
+
+# A conv row of the layer table: (out_channels, kernel, stride, padding, pool). pool is the
+# size of the 2D average pooling after the layer (0: none).
+ConvSpec = tuple[int, int, int, int, int]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "reference"
+    in_channels: int = 3
+    image_size: int = 32
+    # clear part: the first conv, its batch norm, at most one pooling, then the split quantizer
+    clear_conv: tuple[int, int, int, int] = (64, 3, 1, 0)  # (out_channels, kernel, stride, padding)
+    clear_pool: int = 0  # pooling size after the clear conv (0: none)
+    clear_pool_type: str = "avg"  # "avg" or "max" (runs in the clear, so max pooling is free)
+    split_bits: int = 3  # bit width of the quantizer at the split
+    # encrypted part
+    convs: list[ConvSpec] = field(
+        default_factory=lambda: [(64, 3, 1, 0, 2), (128, 3, 1, 0, 0), (128, 3, 1, 0, 2), (256, 3, 1, 0, 0), (256, 3, 1, 0, 0)]
+    )
+    fcs: list[int] = field(default_factory=lambda: [512, 512])  # hidden widths; the last layer is -> num_classes
+    num_classes: int = 10
+    weight_bits: int = 2
+    act_bits: int = 2
+    # "identity": signed quantizer over [-1, 1) as in the reference; "relu": unsigned, learned scale
+    act: str = "identity"
+    # "const": weights clipped to [-1, 1] with a fixed scale (reference); "stats": per-tensor max scale
+    weight_scaling: str = "const"
+    # pruning target: the worst-case accumulator of every encrypted conv/linear fits this many
+    # signed bits (0: no pruning). See pruning.py.
+    accumulator_bits: int = 8
+
+    def __post_init__(self):
+        # JSON / torch.load give lists; keep tuples so configs compare equal
+        self.clear_conv = tuple(self.clear_conv)
+        self.convs = [tuple(c) for c in self.convs]
+        self.fcs = list(self.fcs)
+        checks = {
+            "act": self.act in ("identity", "relu"),
+            "weight_scaling": self.weight_scaling in ("const", "stats"),
+            "clear_pool_type": self.clear_pool_type in ("avg", "max"),
+            "bit widths": all(1 <= b <= 16 for b in (self.split_bits, self.weight_bits, self.act_bits)),
+            "clear_conv": len(self.clear_conv) == 4,
+            "convs": all(len(c) == 5 for c in self.convs),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid model config field(s): {', '.join(bad)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+# The reference of Concrete ML's split CIFAR-10 example (layer table of Brevitas' CNV).
+REFERENCE = ModelConfig()
+
+# The project's default: few activations under FHE (each costs one programmable bootstrap),
+# a wide clear conv that does the spatial reduction for free, and 3/4-bit quantization.
+FAST = ModelConfig(
+    name="fast",
+    clear_conv=(128, 3, 1, 1),
+    clear_pool=4,
+    clear_pool_type="max",
+    split_bits=4,
+    convs=[(128, 3, 2, 1, 0)],
+    fcs=[256],
+    weight_bits=3,
+    act_bits=3,
+    act="relu",
+    weight_scaling="stats",
+    accumulator_bits=0,  # no pruning: rounded table lookups keep the PBS precision low instead
+)
+
+# A few hundred parameters: for tests and smoke runs (real FHE in seconds).
+TINY = ModelConfig(
+    name="tiny",
+    clear_conv=(8, 3, 1, 1),
+    clear_pool=4,
+    clear_pool_type="max",
+    split_bits=3,
+    convs=[(8, 3, 2, 1, 0)],
+    fcs=[16],
+    weight_bits=3,
+    act_bits=3,
+    act="relu",
+    weight_scaling="stats",
+    accumulator_bits=10,
+)
+
+CONFIGS = {"reference": REFERENCE, "fast": FAST, "tiny": TINY}
+
+
+# ---------------------------------------------------------------- quantizers, defined once
+
+
+class ConstWeightQuant(Int8WeightPerTensorFloat):
+    """Weights clipped to [-1, 1], fixed scale, symmetric (narrow) range: 2 bits -> {-1, 0, 1}."""
+
+    scaling_impl_type = ScalingImplType.CONST
+    scaling_const = 1.0
+    narrow_range = True
+
+
+class StatsWeightQuant(Int8WeightPerTensorFloat):
+    """Weights with a per-tensor scale from their maximum, symmetric (narrow) range."""
+
+    narrow_range = True
+
+
+class SignedActQuant(Int8ActPerTensorFloatMinMaxInit):
+    """Signed activations over [-1, 1) (learned scale), as in Brevitas' CNV."""
+
+    min_val = -1.0
+    max_val = 1.0
+
+
+def act_quant(cfg: ModelConfig, bits: int) -> nn.Module:
+    if cfg.act == "relu":
+        return qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=bits, return_quant_tensor=True)
+    return qnn.QuantIdentity(act_quant=SignedActQuant, bit_width=bits, return_quant_tensor=True)
+
+
+def quant_range(quant: nn.Module) -> tuple[int, int]:
+    """Integer range (lo, hi) produced by an activation quantizer."""
+    bits = int(quant.act_quant.bit_width())
+    if isinstance(quant, qnn.QuantReLU) or not quant.act_quant.is_signed:
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def weight_kwargs(cfg: ModelConfig, bias: bool = False) -> dict:
+    # Linear layers take a bias: without one, torch's ONNX export writes Transpose + MatMul and
+    # Concrete ML then re-quantizes the transposed weights to 8 bits; with one it writes Gemm.
+    wq = ConstWeightQuant if cfg.weight_scaling == "const" else StatsWeightQuant
+    return dict(weight_quant=wq, weight_bit_width=cfg.weight_bits, bias=bias)
+
+
+class TensorNorm(nn.Module):
+    """Batch norm with one scalar mean / variance / weight / bias over the whole tensor (logits)."""
+
+    def __init__(self, eps: float = 1e-4, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.register_buffer("running_mean", torch.zeros(1))
+        self.register_buffer("running_var", torch.ones(1))
+
+    def forward(self, x):
+        if self.training:
+            mean, var = x.mean(), x.var()
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().reshape(1), self.momentum)
+                self.running_var.lerp_(var.detach().reshape(1), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+# ---------------------------------------------------------------- the two parts
+
+
+def conv_out(size: int, kernel: int, stride: int, padding: int, pool: int) -> int:
+    size = (size + 2 * padding - kernel) // stride + 1
+    return size // pool if pool else size
+
+
+class ClearModule(nn.Module):
+    """Client side, float: conv (with bias) -> batch norm -> [pooling] -> split quantizer."""
+
+    def __init__(self, cfg: ModelConfig, split_quant: nn.Module):
+        super().__init__()
+        out, k, s, p = cfg.clear_conv
+        self.conv = nn.Conv2d(cfg.in_channels, out, k, stride=s, padding=p, bias=True)
+        self.bn = nn.BatchNorm2d(out)
+        pool_cls = nn.MaxPool2d if cfg.clear_pool_type == "max" else nn.AvgPool2d
+        self.pool = pool_cls(cfg.clear_pool) if cfg.clear_pool else nn.Identity()
+        self.quant = split_quant  # shared with EncryptedModule.layers[0]
+
+    def forward(self, x):  # (B, 3, 32, 32) -> (B, C, H', W')
+        x = self.pool(self.bn(self.conv(x)))
+        return self.quant(x).value  # a float tensor holding the quantized values
+
+
+class EncryptedModule(nn.Module):
+    """Server side, integers under FHE: split quantizer -> quantized convs -> linears -> logits."""
+
+    def __init__(self, cfg: ModelConfig, split_quant: nn.Module):
+        super().__init__()
+        layers: list[nn.Module] = [split_quant]
+        channels = cfg.clear_conv[0]
+        size = conv_out(cfg.image_size, *cfg.clear_conv[1:], cfg.clear_pool)
+        for out, k, s, p, pool in cfg.convs:
+            layers += [qnn.QuantConv2d(channels, out, k, stride=s, padding=p, **weight_kwargs(cfg))]
+            layers += [nn.BatchNorm2d(out), act_quant(cfg, cfg.act_bits)]
+            if pool:  # the sum of the pooling is re-quantized, so the next layer sees act_bits again
+                layers += [nn.AvgPool2d(pool), act_quant(cfg, cfg.act_bits)]
+            channels, size = out, conv_out(size, k, s, p, pool)
+        if size < 1:
+            raise ValueError(f"model config {cfg.name!r}: the convolutions shrink the image to nothing")
+        layers += [nn.Flatten()]
+        features = channels * size * size
+        for width in cfg.fcs:
+            layers += [qnn.QuantLinear(features, width, **weight_kwargs(cfg, bias=True))]
+            layers += [nn.BatchNorm1d(width), act_quant(cfg, cfg.act_bits)]
+            features = width
+        layers += [qnn.QuantLinear(features, cfg.num_classes, **weight_kwargs(cfg, bias=True)), TensorNorm()]
+        self.layers = nn.Sequential(*layers)
+        side = conv_out(cfg.image_size, *cfg.clear_conv[1:], cfg.clear_pool)
+        self.in_shape = (cfg.clear_conv[0], side, side)  # (C, H, W) of one encrypted input
+
+    def forward(self, x):  # (B, C, H', W') -> (B, num_classes)
+        return self.layers(x)
+
+
+def make_split_quant(cfg: ModelConfig) -> nn.Module:
+    # Always a QuantIdentity: its ONNX export is a bare Quant node, which Concrete ML applies to
+    # the input in the clear. A QuantReLU would export Relu + Quant, and Concrete would then
+    # encrypt the raw input at high precision and spend a wide table lookup on every element.
+    # An unsigned quantizer clamps at 0, so for act="relu" it is the ReLU as well.
+    quant = Uint8ActPerTensorFloat if cfg.act == "relu" else SignedActQuant
+    return qnn.QuantIdentity(act_quant=quant, bit_width=cfg.split_bits, return_quant_tensor=True)
+
+
+class SplitNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        split_quant = make_split_quant(cfg)
+        self.clear = ClearModule(cfg, split_quant)
+        self.encrypted = EncryptedModule(cfg, split_quant)
+        for m in self.encrypted.modules():
+            if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear)) and cfg.weight_scaling == "const":
+                # clipped-to-[-1, 1] weights start spread over the whole range (else all round to 0)
+                nn.init.uniform_(m.weight, -1.0, 1.0)
+            if isinstance(m, qnn.QuantLinear):
+                # the bias only makes the export a Gemm (see weight_kwargs): it stays 0, so the
+                # accumulator is exactly sum(w * x) and the pruning bound holds
+                nn.init.zeros_(m.bias)
+                m.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.encrypted(self.clear(x))
+
+    def weight_layers(self):
+        """(layer, integer input range) for each encrypted conv / linear, in order."""
+        out, last_quant = [], None
+        for m in self.encrypted.layers:
+            if isinstance(m, (qnn.QuantIdentity, qnn.QuantReLU)):
+                last_quant = m
+            elif isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear)):
+                out.append((m, quant_range(last_quant)))
+        return out
+
+
+def layer_names(model: SplitNet) -> dict[nn.Module, str]:
+    return {m: name for name, m in model.named_modules()}

@@ -1,0 +1,88 @@
+"""The split model, checkpoints and the accumulator-bounding pruning."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from common import UserError, load_checkpoint, save_checkpoint
+from models import CONFIGS, FAST, REFERENCE, TINY, ModelConfig, SplitNet
+from pruning import accumulator_bits, apply_pruning
+
+
+@pytest.mark.parametrize("cfg", [TINY, FAST, REFERENCE], ids=lambda c: c.name)
+def test_split_equals_full_model(cfg):
+    torch.manual_seed(0)
+    model = SplitNet(cfg)
+    model.train()
+    model(torch.randn(8, 3, 32, 32))  # initialise the learned quantizer scales
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.encrypted(model.clear(x)), model(x))
+        assert model.clear(x).shape[1:] == model.encrypted.in_shape
+
+
+def test_reference_layer_table():
+    m = SplitNet(REFERENCE)
+    convs = [l for l in m.encrypted.layers if isinstance(l, torch.nn.Module) and type(l).__name__ == "QuantConv2d"]
+    assert [c.out_channels for c in convs] == [64, 128, 128, 256, 256]
+    assert m.clear.conv.out_channels == 64 and m.clear.conv.bias is not None
+    linears = [l for l in m.encrypted.layers if type(l).__name__ == "QuantLinear"]
+    assert [(l.in_features, l.out_features) for l in linears] == [(256, 512), (512, 512), (512, 10)]
+
+
+def test_checkpoint_round_trip_is_strict(tmp_path):
+    torch.manual_seed(0)
+    model = SplitNet(TINY)
+    apply_pruning(model, TINY.accumulator_bits)
+    model.train()
+    model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, epoch=3, metrics={"val_acc": 0.5})
+    loaded, ckpt = load_checkpoint(path)
+    assert ckpt["epoch"] == 3 and ckpt["model_config"]["name"] == "tiny" and "torch" in ckpt["versions"]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    model = SplitNet(TINY)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model)
+    ckpt = torch.load(path)
+    ckpt["model_config"]["fcs"] = [32]  # weights no longer fit the config
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="does not match its model config"):
+        load_checkpoint(path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="act"):
+        ModelConfig(act="gelu")
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict({"name": "x", "colour": 3})
+    assert ModelConfig.from_dict(dataclasses.asdict(FAST)) == FAST
+    assert set(CONFIGS) >= {"reference", "fast", "tiny"}
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+def test_pruning_bounds_the_worst_case_accumulator(bits):
+    torch.manual_seed(0)
+    model = SplitNet(dataclasses.replace(REFERENCE, accumulator_bits=bits))
+    apply_pruning(model, bits)
+    report = accumulator_bits(model)
+    assert len(report) == 8  # 5 convs + 3 linears
+    assert all(r["bits"] <= bits for r in report.values())
+    # and the bound is not vacuous: without pruning the reference layers are far wider
+    unpruned = accumulator_bits(SplitNet(REFERENCE))
+    assert max(r["bits"] for r in unpruned.values()) > bits

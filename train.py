@@ -1,0 +1,178 @@
+"""Quantization-aware training of the split VGG on CIFAR-10.
+
+    python train.py --model fast --epochs 60 --out checkpoints/fast.pt
+    python train.py --model fast --epochs 60 --out checkpoints/fast.pt --resume
+
+One line per epoch; a checkpoint every epoch (the self-describing `--out`, plus
+`<out>.state.pt` with the optimizer for --resume). The last `--val-size` training images
+are held out for validation: the test split is for final numbers only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import data
+from common import UserError, load_checkpoint, opt, parse_config, run_main, save_checkpoint, versions
+from models import CONFIGS, SplitNet
+from pruning import accumulator_bits, apply_pruning, load_pruned_state, pruned_state
+
+
+@dataclass
+class TrainConfig:
+    model: str = opt("fast", "model config to train", choices=sorted(CONFIGS))
+    out: str = opt("", "checkpoint path (default: checkpoints/<model>.pt)")
+    epochs: int = opt(60, "number of epochs")
+    batch_size: int = opt(128, "images per step")
+    lr: float = opt(2e-3, "peak learning rate of AdamW (cosine decay to 0, 1 epoch warm-up)")
+    weight_decay: float = opt(5e-5, "AdamW weight decay")
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
+    val_size: int = opt(5000, "last N training images held out for validation")
+    n_train: int | None = opt(None, "use only the first N training images (quick runs, tests)")
+    accumulator_bits: int | None = opt(None, "override the config's pruning target in bits (0: no pruning)")
+    data_dir: str | None = opt(None, "CIFAR-10 location (default: $CIFAR10_DIR, else ./data)")
+    seed: int = opt(0, "random seed")
+    threads: int = opt(0, "torch CPU threads (0: torch's default)")
+    workers: int = opt(2, "data-loading worker processes")
+    resume: bool = opt(False, "continue from <out>.state.pt")
+    max_steps: int | None = opt(None, "stop each epoch after N steps (smoke tests)")
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        self.out = self.out or f"checkpoints/{self.model}.pt"
+
+
+def state_path(out: str) -> Path:
+    return Path(out).with_suffix(".state.pt")
+
+
+def evaluate(model: nn.Module, loader, desc: str = "eval") -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in tqdm(loader, desc=desc, leave=False):
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def train(cfg: TrainConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_cfg = dataclasses.replace(CONFIGS[cfg.model])
+    if cfg.accumulator_bits is not None:
+        model_cfg.accumulator_bits = cfg.accumulator_bits
+    model = SplitNet(model_cfg)
+    resume_state = None
+    if cfg.resume:
+        sp = state_path(cfg.out)
+        if not sp.is_file():
+            raise UserError(f"--resume: no training state at {sp}")
+        resume_state = torch.load(sp, map_location="cpu")
+        if resume_state["train_config"]["model"] != cfg.model:
+            raise UserError(f"--resume: {sp} trains model {resume_state['train_config']['model']!r}, not {cfg.model!r}")
+        load_pruned_state(model, resume_state["model"])
+    else:
+        apply_pruning(model, model_cfg.accumulator_bits)
+
+    train_ds, val_ds = data.train_val_datasets(cfg.data_dir, cfg.val_size, cfg.n_train)
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_dl = torch.utils.data.DataLoader(
+        train_ds, cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.workers, drop_last=len(train_ds) > cfg.batch_size
+    )
+    val_dl = torch.utils.data.DataLoader(val_ds, 500, num_workers=cfg.workers)
+
+    steps_per_epoch = len(train_dl) if cfg.max_steps is None else min(cfg.max_steps, len(train_dl))
+    total = cfg.epochs * steps_per_epoch
+    opt_ = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = steps_per_epoch
+
+    def lr_at(step):  # linear warm-up for one epoch, then cosine to 0
+        return (step + 1) / warm if step < warm else 0.5 * (1 + np.cos(np.pi * (step - warm) / max(1, total - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_, lr_at)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    start_epoch, history = 0, []
+    if resume_state is not None:
+        st = resume_state
+        opt_.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["rng"])
+        g.set_state(st["loader_rng"])
+        start_epoch, history = st["epoch"], st["history"]
+        print(f"resumed from {state_path(cfg.out)} after epoch {start_epoch}")
+
+    print(f"{'epoch':>5} {'loss':>7} {'train':>6} {'val':>6} {'lr':>9} {'sec':>6}")
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        model.train()
+        apply_pruning(model, model_cfg.accumulator_bits)  # re-select the kept weights
+        loss_sum = correct = seen = 0
+        bar = tqdm(train_dl, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for step, (x, y) in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            out = model(x)
+            loss = loss_fn(out, y)
+            opt_.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_.step()
+            sched.step()
+            loss_sum += loss.item() * len(y)
+            correct += (out.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        val_acc = evaluate(model, val_dl, "val")
+        row = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_acc": val_acc,
+            "lr": opt_.param_groups[0]["lr"],
+            "seconds": time.time() - t0,
+        }
+        history.append(row)
+        print(f"{row['epoch']:>5} {row['loss']:7.4f} {row['train_acc']:6.4f} {row['val_acc']:6.4f} {row['lr']:9.2e} {row['seconds']:6.1f}", flush=True)
+        acc = accumulator_bits(model)
+        save_checkpoint(
+            cfg.out, model, train_config=asdict(cfg), epoch=epoch + 1, metrics=row, history=history, accumulators=acc
+        )
+        st = {
+            "model": pruned_state(model),  # weights and pruning masks, to resume exactly
+            "optimizer": opt_.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": torch.get_rng_state(),
+            "loader_rng": g.get_state(),
+            "epoch": epoch + 1,
+            "history": history,
+            "train_config": asdict(cfg),
+            "versions": versions(),
+        }
+        torch.save(st, state_path(cfg.out))
+
+    acc = accumulator_bits(model)
+    print("worst-case accumulator per encrypted layer (signed bits):")
+    for name, r in acc.items():
+        print(f"  {name:<16} {r['bits']:>3} bits  max|acc| {r['max_abs']:>6}  non-zero weights/neuron <= {r['nonzero_per_neuron_max']}/{r['fan_in']}")
+    return {"history": history, "accumulators": acc, "out": cfg.out}
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, __doc__.split("\n")[0])
+    print("config:", asdict(cfg))
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    run_main(main)
