@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import benchmark
 import fhe_inference
 import infer_torch
 import infer_vl
@@ -11,7 +12,7 @@ import p_error_search
 import train
 from common import run_main
 
-SCRIPTS = [train, infer_torch, infer_vl, fhe_inference, p_error_search]
+SCRIPTS = [train, infer_torch, infer_vl, fhe_inference, p_error_search, benchmark]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
@@ -44,6 +45,7 @@ def test_help_explains_every_option(script, capsys):
         (fhe_inference, ["--n-images", "-3"], "--n-images"),
         (p_error_search, ["--p-error", "0.01"], "searches p_error"),
         (p_error_search, ["--lower", "0.5", "--upper", "0.1"], "--lower"),
+        (benchmark, ["--configs", "resnet"], "unknown config"),
     ],
 )
 def test_bad_values_are_rejected(script, args, message, capsys):

@@ -1,0 +1,217 @@
+"""Side-by-side cost and accuracy of the reference and the fast configuration.
+
+    python benchmark.py [--n-images 1000] [--n-fhe 3] [--json runs/benchmark.json]
+
+For each config (each in its own process, so that peak memory is its own): top-1 in torch
+and in FHE simulation on the first --n-images test images, PBS count per crypto parameter
+set, maximum bit width, key sizes, compile and keygen seconds, peak memory, and FHE seconds
+per image. The FHE time is measured (median over --n-fhe images, through the client /
+server path of fhe_inference.py) where --max-fhe-s allows; otherwise it is ESTIMATED as
+sum(PBS count x per-PBS seconds), each per-PBS cost measured here on a synthetic lookup
+circuit that Concrete compiles to the same (polynomial size, GLWE dimension, level), scaled
+by the LWE dimension. The estimator is also run on measured configs, to validate it.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common import UserError, opt, parse_config, provenance, run_main, write_json
+
+# The settings each config is compiled with. The reference's are its own (no rounding,
+# p_error 0.05 as its binary search found); the fast config's come from p_error_search.py.
+# <checkpoint-dir>/<name>.pt is compiled with these.
+SETTINGS = {
+    "reference": {"p_error": 0.05, "rounding_bits": 0},
+    "fast": {"p_error": 0.05, "rounding_bits": 6, "rounding_method": "approximate"},
+    "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
+}
+KEY_LIMIT_BYTES = 6 * 2**30  # never generate larger keys for a per-PBS measurement
+
+
+@dataclass
+class BenchConfig:
+    configs: str = opt("reference,fast", "comma-separated configs to benchmark (see SETTINGS in benchmark.py)")
+    checkpoint_dir: str = opt("checkpoints", "folder holding <config>.pt")
+    n_images: int = opt(1000, "test images for the torch / simulation top-1")
+    n_fhe: int = opt(3, "images run in real FHE for the measured time (median)")
+    max_fhe_s: float = opt(300.0, "measure FHE only if the estimate per image is below this many seconds")
+    data_dir: str | None = opt(None, "CIFAR-10 location (default: $CIFAR10_DIR, else ./data)")
+    json: str | None = opt("runs/benchmark.json", "write the table to this JSON file")
+    only: str | None = opt(None, "internal: benchmark one config in this process and print JSON")
+
+    def __post_init__(self):
+        unknown = [c for c in self.configs.split(",") if c not in SETTINGS]
+        if unknown or (self.only and self.only not in SETTINGS):
+            raise UserError(f"unknown config(s) {unknown or [self.only]}; known: {sorted(SETTINGS)}")
+        if self.n_images < 1 or self.n_fhe < 0:
+            raise UserError("--n-images must be >= 1 and --n-fhe >= 0")
+
+
+# ---------------------------------------------------------------- per-PBS cost
+
+
+def param_dict(p) -> dict:
+    return {k: int(getattr(p, k)()) for k in ("polynomial_size", "glwe_dimension", "input_lwe_dimension", "level", "base_log")}
+
+
+def synthetic_circuit(bits: int, p_error: float, n: int):
+    """n independent table lookups on `bits`-bit encrypted inputs: PBS and nothing else."""
+    from concrete import fhe
+
+    table = fhe.LookupTable([(i * 5 + 1) % 16 for i in range(2**bits)])
+    compiler = fhe.Compiler(lambda x: table[x], {"x": "encrypted"})
+    inputset = [np.arange(n) % 2**bits, np.full(n, 2**bits - 1)]
+    return compiler.compile(inputset, fhe.Configuration(p_error=p_error))
+
+
+def per_pbs_seconds(target: dict, n: int = 128) -> dict:
+    """Measure one PBS at the target's (polynomial size, GLWE dimension, level)."""
+    key = lambda p: (p["polynomial_size"], p["glwe_dimension"], p["level"])  # noqa: E731
+    for bits in range(1, 17):
+        for p_error in (0.1, 0.05, 1e-3, 1e-6, 1e-9, 2**-40):
+            circuit = synthetic_circuit(bits, p_error, n)
+            (param,) = circuit.statistics["programmable_bootstrap_count_per_parameter"]
+            got = param_dict(param)
+            if key(got) != key(target):
+                continue
+            key_bytes = sum(int(circuit.statistics[f"size_of_{k}"]) for k in ("bootstrap_keys", "keyswitch_keys"))
+            if key_bytes > KEY_LIMIT_BYTES:
+                return {"matched": got, "seconds": None, "note": f"keys {key_bytes / 2**30:.1f} GiB: not measured"}
+            circuit.keygen()
+            x = circuit.encrypt(np.arange(n) % 2**bits)
+            circuit.run(x)  # warm-up
+            t0 = time.perf_counter()
+            circuit.run(x)
+            measured = (time.perf_counter() - t0) / n
+            scale = target["input_lwe_dimension"] / got["input_lwe_dimension"]  # blind rotation is linear in it
+            return {"matched": got, "measured_seconds": measured, "seconds": measured * scale, "bits": bits, "p_error": p_error}
+    return {"matched": None, "seconds": None, "note": "no synthetic circuit with these parameters"}
+
+
+def estimate_fhe_seconds(pbs_per_parameter: dict) -> tuple[float | None, list]:
+    total, parts = 0.0, []
+    for param, count in pbs_per_parameter.items():
+        cost = per_pbs_seconds(param_dict(param))
+        parts.append({"parameters": param_dict(param), "pbs": int(count), **cost})
+        total = None if total is None or cost["seconds"] is None else total + count * cost["seconds"]
+    return total, parts
+
+
+# ---------------------------------------------------------------- one config
+
+
+def bench_one(name: str, cfg: BenchConfig) -> dict:
+    import data
+    import fhe_inference
+    import infer_vl
+    from fhe import CompileOptions, compile_checkpoint
+
+    settings = {"checkpoint": str(Path(cfg.checkpoint_dir) / f"{name}.pt"), **SETTINGS[name]}
+    if not Path(settings["checkpoint"]).is_file():
+        return {"config": name, "missing": f"no checkpoint {settings['checkpoint']} (train it with train.py --model {name})"}
+    o = CompileOptions(data_dir=cfg.data_dir, **settings)
+    model, ckpt, qm, report = compile_checkpoint(o)
+    images, labels = data.stack(data.dataset("test", cfg.data_dir, n=cfg.n_images))
+    acc = infer_vl.evaluate(model, qm, images, labels)
+    estimate, parts = estimate_fhe_seconds(qm.fhe_circuit.statistics["programmable_bootstrap_count_per_parameter"])
+    row = {
+        "config": name,
+        "settings": settings,
+        "epochs_trained": ckpt.get("epoch"),
+        "torch_top1": acc["torch"]["top1"],
+        "sim_top1": acc["simulate"]["top1"],
+        "n_images": len(labels),
+        **{k: report[k] for k in ("pbs_count", "pbs_per_parameter", "max_bit_width", "key_sizes", "compile_seconds")},
+        "fhe_s_estimate": estimate,
+        "estimate_parts": parts,
+    }
+    if cfg.n_fhe and estimate is not None and estimate <= cfg.max_fhe_s:
+        with tempfile.TemporaryDirectory() as tmp:
+            client, server, keygen_s = fhe_inference.deploy(qm, Path(tmp))
+            keys = fhe_inference.load_eval_keys(Path(tmp) / "server")
+            runs = [fhe_inference.classify(model, client, server, keys, images[i]) for i in range(cfg.n_fhe)]
+        row["keygen_seconds"] = keygen_s
+        row["fhe_s_measured"] = [t["server"] for _, t, _ in runs]
+        row["fhe_s_median"] = float(np.median(row["fhe_s_measured"]))
+    row["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return row
+
+
+# ---------------------------------------------------------------- the table
+
+
+def fmt_time(row) -> str:
+    if row.get("fhe_s_median") is not None:
+        return f"{row['fhe_s_median']:.1f} (measured)"
+    if row.get("fhe_s_estimate") is not None:
+        return f"{row['fhe_s_estimate']:.0f} (ESTIMATE)"
+    return "n/a"
+
+
+def print_table(rows: list[dict]) -> None:
+    rows = [r for r in rows if "missing" not in r]
+    if not rows:
+        return
+    lines = [
+        ("checkpoint epochs", lambda r: str(r["epochs_trained"])),
+        ("top-1 torch", lambda r: f"{r['torch_top1']:.4f}"),
+        ("top-1 simulation", lambda r: f"{r['sim_top1']:.4f}"),
+        ("PBS per image", lambda r: f"{r['pbs_count']:,}"),
+        ("max bit width", lambda r: str(r["max_bit_width"])),
+        ("crypto params (N, k, level: PBS)", lambda r: "; ".join(f"{p['parameters']['polynomial_size']},{p['parameters']['glwe_dimension']},{p['parameters']['level']}: {p['pbs']:,}" for p in r["estimate_parts"])),
+        ("keys (MiB)", lambda r: f"{r['key_sizes']['total_bytes'] / 2**20:,.0f}"),
+        ("compile s", lambda r: f"{r['compile_seconds']:.1f}"),
+        ("keygen s", lambda r: f"{r['keygen_seconds']:.1f}" if r.get("keygen_seconds") is not None else "not run"),
+        ("peak memory GiB", lambda r: f"{r['peak_memory_gib']:.2f}"),
+        ("FHE s / image", fmt_time),
+        ("estimate s / image", lambda r: f"{r['fhe_s_estimate']:.1f}" if r.get("fhe_s_estimate") is not None else "n/a"),
+    ]
+    width = max(len(l) for l, _ in lines)
+    print(f"{'':<{width}}  " + "  ".join(f"{r['config']:>24}" for r in rows))
+    for label, get in lines:
+        print(f"{label:<{width}}  " + "  ".join(f"{get(r):>24}" for r in rows))
+    if len(rows) == 2 and all(r.get("fhe_s_median") or r.get("fhe_s_estimate") for r in rows):
+        t = [r.get("fhe_s_median") or r.get("fhe_s_estimate") for r in rows]
+        print(f"time ratio {rows[0]['config']} / {rows[1]['config']}: {t[0] / t[1]:,.0f}x; "
+              f"top-1 (simulation) {rows[1]['sim_top1'] - rows[0]['sim_top1']:+.4f}")
+
+
+def main(argv=None) -> list[dict] | dict:
+    cfg = parse_config(BenchConfig, argv, __doc__.split("\n")[0])
+    if cfg.only:
+        row = bench_one(cfg.only, cfg)
+        print("BENCH_ROW " + json.dumps(row, default=str))
+        return row
+    rows = []
+    for name in cfg.configs.split(","):
+        print(f"--- {name}: {SETTINGS[name]}", flush=True)  # a few minutes each
+        args = [sys.executable, __file__, "--only", name, "--n-images", str(cfg.n_images), "--n-fhe", str(cfg.n_fhe),
+                "--max-fhe-s", str(cfg.max_fhe_s), "--checkpoint-dir", cfg.checkpoint_dir]
+        if cfg.data_dir:
+            args += ["--data-dir", cfg.data_dir]
+        proc = subprocess.run(args, capture_output=True, text=True)
+        found = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_ROW ")]
+        if proc.returncode != 0 or not found:
+            raise UserError(f"benchmark of {name} failed:\n{proc.stderr.strip()[-2000:]}")
+        row = json.loads(found[-1][len("BENCH_ROW "):])
+        if "missing" in row:
+            print(f"skipped {name}: {row['missing']}")
+        rows.append(row)
+    print_table(rows)
+    if cfg.json:
+        write_json(cfg.json, {"rows": rows, **provenance(cfg)})
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)

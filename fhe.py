@@ -1,0 +1,193 @@
+"""Compilation of the encrypted part with Concrete ML, shared by every FHE script, the
+benchmark and the notebook; plus the clear-side helpers that feed it.
+
+Every array handed to Concrete is made C-contiguous first: Concrete's encrypt and its
+compiled simulator read a numpy array's raw buffer and ignore its strides, so a
+channels-last or permuted view would be silently scrambled (fhe="disable" would still look
+right, simulation and real FHE would fall to chance).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import data
+from common import DEFAULT_CHECKPOINT, UserError, opt
+
+# Key generation above this many bytes of keys gets a warning before it starts; keygen
+# needs several times the key size in working memory (here an untrained circuit with
+# 12-bit lookups used 20 GB and never finished).
+KEYGEN_WARN_BYTES = 2 * 2**30
+
+
+@dataclass
+class CompileOptions:
+    """Options shared by the scripts that compile the encrypted part."""
+
+    checkpoint: str = opt(DEFAULT_CHECKPOINT, "trained checkpoint (.pt) to compile")
+    p_error: float | None = opt(None, "error probability of each PBS (default 2**-40 when neither is set)")
+    global_p_error: float | None = opt(None, "error probability of the whole circuit (not with --p-error)")
+    rounding_bits: int | None = opt(6, "round accumulators to N bits before each table lookup (0: no rounding)")
+    rounding_method: str = opt("approximate", "Concrete ML rounding method", choices=["approximate", "exact"])
+    n_calib: int = opt(500, "calibration images: the first N training images")
+    verbose: bool = opt(False, "print the Concrete optimizer's output")
+    data_dir: str | None = opt(None, "CIFAR-10 location (default: $CIFAR10_DIR, else ./data)")
+
+    def __post_init__(self):
+        check_compile_options(self)
+
+
+def compile_options(cfg, **overrides) -> CompileOptions:
+    """The CompileOptions part of a script's config (a subclass), with some fields replaced."""
+    from dataclasses import fields
+
+    return CompileOptions(**{f.name: overrides.get(f.name, getattr(cfg, f.name)) for f in fields(CompileOptions)})
+
+
+def check_compile_options(o) -> None:
+    if o.p_error is not None and o.global_p_error is not None:
+        raise UserError("give --p-error or --global-p-error, not both")
+    for name in ("p_error", "global_p_error"):
+        v = getattr(o, name)
+        if v is not None and not 0 < v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be in (0, 1), got {v}")
+    if o.rounding_bits is not None and not 0 <= o.rounding_bits <= 16:
+        raise UserError(f"--rounding-bits must be between 0 and 16, got {o.rounding_bits}")
+    if o.n_calib < 1:
+        raise UserError("--n-calib must be >= 1")
+
+
+def to_concrete(x) -> np.ndarray:
+    """A float64-free, C-contiguous numpy copy that Concrete reads correctly."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def clear_features(model, images: torch.Tensor, batch: int = 500) -> np.ndarray:
+    """Run the clear part (client side) on (N, 3, 32, 32) images -> C-contiguous (N, C, H, W)."""
+    model.eval()
+    with torch.no_grad():
+        out = [model.clear(images[i : i + batch]) for i in range(0, len(images), batch)]
+    return to_concrete(torch.cat(out))
+
+
+def calibration_set(model, o: CompileOptions) -> np.ndarray:
+    """Clear-part outputs of the first n_calib training images (no augmentation)."""
+    images, _ = data.stack(data.dataset("train", o.data_dir, n=o.n_calib))
+    return clear_features(model, images)
+
+
+def rounding_arg(o):
+    if not o.rounding_bits:
+        return None
+    return {"n_bits": o.rounding_bits, "method": o.rounding_method}
+
+
+def compile_model(model, calib: np.ndarray, o: CompileOptions):
+    """compile_brevitas_qat_model on the encrypted part; Concrete failures become one message."""
+    from concrete.ml.torch.compile import compile_brevitas_qat_model
+
+    p_error = o.p_error if (o.p_error is not None or o.global_p_error is not None) else 2**-40
+    try:
+        return compile_brevitas_qat_model(
+            model.encrypted,
+            to_concrete(calib),
+            rounding_threshold_bits=rounding_arg(o),
+            p_error=p_error if o.global_p_error is None else None,
+            global_p_error=o.global_p_error,
+            verbose=o.verbose,
+        )
+    except Exception as e:  # Concrete raises RuntimeError / ValueError with free-form text
+        raise UserError(explain_compile_error(e, o)) from None
+
+
+def explain_compile_error(e: Exception, o) -> str:
+    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    low = str(e).lower()
+    if "noparametersfound" in low or "no parameters found" in low or "parameters" in low and "found" in low:
+        return (
+            f"Concrete found no crypto parameters for this circuit ({text}). Lower --rounding-bits "
+            f"(now {o.rounding_bits}), or allow more error with a larger --p-error / --global-p-error."
+        )
+    if "16" in low and "bit" in low:
+        return (
+            f"a table lookup is wider than Concrete's 16-bit limit ({text}). Set --rounding-bits "
+            f"(e.g. 6) so accumulators are rounded before each lookup, or train with a lower "
+            f"--accumulator-bits."
+        )
+    return f"compilation failed: {text}"
+
+
+def keygen(qm, force: bool = True) -> float:
+    """Generate keys after a size check; returns seconds."""
+    key_bytes = key_sizes(qm)["total_bytes"]
+    if key_bytes > KEYGEN_WARN_BYTES:
+        print(
+            f"warning: keys for this circuit take {key_bytes / 2**30:.1f} GiB and keygen needs "
+            f"several times that in memory (max bit width {qm.fhe_circuit.graph.maximum_integer_bit_width()}); "
+            f"lower --rounding-bits or raise --p-error to shrink them"
+        )
+    t0 = time.perf_counter()
+    qm.fhe_circuit.keygen(force=force)
+    return time.perf_counter() - t0
+
+
+def key_sizes(qm) -> dict:
+    s = qm.fhe_circuit.statistics
+    out = {k: int(s[f"size_of_{k}"]) for k in ("secret_keys", "bootstrap_keys", "keyswitch_keys")}
+    out["total_bytes"] = sum(out.values())
+    return out
+
+
+def cost_report(qm, compile_s: float | None = None, keygen_s: float | None = None) -> dict:
+    """Bit widths, ranges, PBS per crypto parameter set, key sizes, timings (JSON-able)."""
+    s = qm.fhe_circuit.statistics
+    per_param = {str(k): int(v) for k, v in s["programmable_bootstrap_count_per_parameter"].items()}
+    return {
+        "max_bit_width": int(qm.fhe_circuit.graph.maximum_integer_bit_width()),
+        "layers": {k: {"range": list(map(int, v["range"])), "bit_width": int(v["bitwidth"])} for k, v in qm.bitwidth_and_range_report().items()},
+        "pbs_count": int(s["programmable_bootstrap_count"]),
+        "pbs_per_parameter": per_param,
+        "key_switch_count": int(s["key_switch_count"]),
+        "complexity": float(s["complexity"]),
+        "key_sizes": key_sizes(qm),
+        "p_error": s.get("p_error"),
+        "global_p_error": s.get("global_p_error"),
+        "compile_seconds": compile_s,
+        "keygen_seconds": keygen_s,
+    }
+
+
+def print_report(r: dict) -> None:
+    print(f"max integer bit width {r['max_bit_width']} (accumulators; lookups read them rounded if --rounding-bits is set)")
+    for name, layer in r["layers"].items():
+        print(f"  {name:<40} {layer['bit_width']:>3} bits  range {layer['range']}")
+    print(f"PBS {r['pbs_count']}  key switches {r['key_switch_count']}")
+    for param, n in r["pbs_per_parameter"].items():
+        print(f"  {n:>7} x {param}")
+    ks = r["key_sizes"]
+    print(
+        f"keys: bootstrap {ks['bootstrap_keys'] / 2**20:.1f} MiB, keyswitch {ks['keyswitch_keys'] / 2**20:.1f} MiB, "
+        f"secret {ks['secret_keys'] / 2**10:.1f} KiB"
+    )
+    if r.get("compile_seconds") is not None:
+        print(f"compile {r['compile_seconds']:.1f} s" + (f", keygen {r['keygen_seconds']:.1f} s" if r.get("keygen_seconds") is not None else ""))
+
+
+def compile_checkpoint(o: CompileOptions, do_keygen: bool = False):
+    """Load a checkpoint, build its calibration set, compile (and optionally keygen).
+    Returns (model, checkpoint, quantized module, cost report)."""
+    from common import load_checkpoint
+
+    model, ckpt = load_checkpoint(o.checkpoint)
+    calib = calibration_set(model, o)
+    t0 = time.perf_counter()
+    qm = compile_model(model, calib, o)
+    compile_s = time.perf_counter() - t0
+    keygen_s = keygen(qm) if do_keygen else None
+    return model, ckpt, qm, cost_report(qm, compile_s, keygen_s)

@@ -1,0 +1,69 @@
+"""Accuracy under FHE simulation, next to torch and the clear quantized model on the same images.
+
+    python infer_vl.py --checkpoint checkpoints/fast.pt [--n-images 1000] [--json out.json]
+
+fhe="disable" runs Concrete ML's integer model in the clear (no noise); fhe="simulate"
+adds the PBS errors that p_error allows, as real FHE would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+import data
+from common import UserError, format_topk, opt, parse_config, provenance, run_main, topk_accuracy, torch_logits, write_json
+from fhe import CompileOptions, clear_features, compile_checkpoint, print_report
+
+
+@dataclass
+class SimConfig(CompileOptions):
+    n_images: int | None = opt(None, "evaluate only the first N test images (default: all 10,000)")
+    batch_size: int = opt(200, "images per simulation call")
+    json: str | None = opt(None, "write accuracies, cost report and config to this JSON file")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.n_images is not None and self.n_images < 1) or self.batch_size < 1:
+            raise UserError("--n-images and --batch-size must be >= 1")
+
+
+def quantized_logits(qm, feats: np.ndarray, fhe: str, batch: int, desc: str) -> np.ndarray:
+    out = [qm.forward(np.ascontiguousarray(feats[i : i + batch]), fhe=fhe) for i in tqdm(range(0, len(feats), batch), desc=desc, leave=False)]
+    return np.concatenate(out)
+
+
+def evaluate(model, qm, images, labels, batch: int = 200) -> dict:
+    """Top-k of torch, fhe="disable" and fhe="simulate" on the same images."""
+    feats = clear_features(model, images)
+    logits = {
+        "torch": torch_logits(model, images),
+        "disable": quantized_logits(qm, feats, "disable", batch, "disable"),
+        "simulate": quantized_logits(qm, feats, "simulate", batch, "simulate"),
+    }
+    acc = {k: topk_accuracy(v, labels) for k, v in logits.items()}
+    acc["sim_vs_torch_agreement"] = float((logits["simulate"].argmax(1) == logits["torch"].argmax(1)).mean())
+    return acc
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(SimConfig, argv, __doc__.split("\n")[0])
+    print("config:", asdict(cfg))
+    model, ckpt, qm, report = compile_checkpoint(cfg)
+    print_report(report)
+    images, labels = data.stack(data.dataset("test", cfg.data_dir, n=cfg.n_images))
+    acc = evaluate(model, qm, images, labels, cfg.batch_size)
+    print(f"{ckpt['model_config']['name']} checkpoint {cfg.checkpoint}, {len(labels)} test images")
+    for k in ("torch", "disable", "simulate"):
+        print(format_topk(k, acc[k]))
+    print(f"simulate vs torch top-1 agreement {acc['sim_vs_torch_agreement']:.4f}")
+    result = {"n_images": len(labels), **acc, "cost": report, **provenance(cfg)}
+    if cfg.json:
+        write_json(cfg.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

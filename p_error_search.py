@@ -1,0 +1,151 @@
+"""Binary search of p_error with FHE simulation, then a validation of the value found.
+
+    python p_error_search.py --checkpoint checkpoints/fast.pt --rounding-bits 6
+
+Finds the largest p_error whose simulated top-1 on the first --n-images training images
+stays within --tolerance of the clear quantized model (fhe="disable", same images), then
+reruns the simulation --n-validation times at that value and reports the mean and the
+maximum accuracy drop. Writes a JSON (value, search trace, validation) and a plot.
+
+Why not Concrete ML's BinarySearch (concrete.ml.search_parameters): it compiles with
+p_error alone, without rounding_threshold_bits, so it would tune a different circuit than
+the rounded one we deploy; it also bisects linearly on (0, 0.9), where p_error values that
+matter span several decades. This search bisects log10(p_error) and compiles exactly as
+fhe_inference.py does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import data
+from common import UserError, load_checkpoint, opt, parse_config, provenance, run_main, topk_accuracy, write_json
+from fhe import CompileOptions, calibration_set, clear_features, compile_model, compile_options
+
+
+@dataclass
+class SearchConfig(CompileOptions):
+    n_images: int = opt(1000, "search on the first N training images")
+    tolerance: float = opt(0.01, "largest allowed top-1 drop vs the clear quantized model (0.01 = 1 point)")
+    lower: float = opt(1e-6, "lower end of the p_error search range")
+    upper: float = opt(0.5, "upper end of the p_error search range")
+    max_iter: int = opt(8, "bisection steps (each: one compile + --n-sim simulations)")
+    n_sim: int = opt(3, "simulations averaged at each candidate p_error (simulation is random)")
+    n_validation: int = opt(40, "simulations at the value found, to measure the spread")
+    json: str = opt("runs/p_error_search.json", "result file (a .png plot is written beside it)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.p_error is not None or self.global_p_error is not None:
+            raise UserError("p_error_search.py searches p_error: do not pass --p-error / --global-p-error")
+        if not 0 < self.lower < self.upper < 1:
+            raise UserError("need 0 < --lower < --upper < 1")
+        if min(self.n_images, self.max_iter, self.n_sim) < 1 or self.n_validation < 0 or self.tolerance < 0:
+            raise UserError("--n-images, --max-iter and --n-sim must be >= 1, --n-validation and --tolerance >= 0")
+
+
+def simulate_top1(qm, feats, labels, fhe: str = "simulate", batch: int = 250) -> float:
+    logits = np.concatenate([qm.forward(np.ascontiguousarray(feats[i : i + batch]), fhe=fhe) for i in range(0, len(feats), batch)])
+    return topk_accuracy(logits, labels, ks=(1,))["top1"]
+
+
+def bisect_log(accuracy_at, reference: float, tolerance: float, lower: float, upper: float, max_iter: int):
+    """Largest p in [lower, upper] (bisection on log10 p) with accuracy_at(p) >= reference - tolerance.
+
+    Returns (best p or None when even `lower` fails, trace of (p, accuracy, ok))."""
+    trace = []
+    acc = accuracy_at(upper)
+    trace.append((upper, acc, acc >= reference - tolerance))
+    if trace[-1][2]:
+        return upper, trace
+    acc = accuracy_at(lower)
+    trace.append((lower, acc, acc >= reference - tolerance))
+    if not trace[-1][2]:
+        return None, trace
+    lo, hi = math.log10(lower), math.log10(upper)
+    for _ in range(max_iter):
+        mid = (lo + hi) / 2
+        acc = accuracy_at(10**mid)
+        ok = acc >= reference - tolerance
+        trace.append((10**mid, acc, ok))
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    return 10**lo, trace
+
+
+def plot(trace, reference: float, tolerance: float, chosen, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ps, accs, oks = zip(*sorted(trace))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.semilogx(ps, accs, "o-", color="tab:blue", label="simulated top-1")
+    ax.axhline(reference, color="gray", ls="--", label="clear quantized model")
+    ax.axhline(reference - tolerance, color="tab:red", ls=":", label=f"tolerance ({tolerance:g})")
+    if chosen:
+        ax.axvline(chosen, color="tab:green", label=f"chosen p_error {chosen:.3g}")
+    ax.set_xlabel("p_error")
+    ax.set_ylabel("top-1 accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(SearchConfig, argv, __doc__.split("\n")[0])
+    print("config:", asdict(cfg))
+    model, ckpt = load_checkpoint(cfg.checkpoint)
+    calib = calibration_set(model, cfg)
+    images, labels = data.stack(data.dataset("train", cfg.data_dir, n=cfg.n_images))
+    feats = clear_features(model, images)
+
+    def compiled(p):
+        return compile_model(model, calib, compile_options(cfg, p_error=p))
+
+    reference = simulate_top1(compiled(cfg.upper), feats, labels, fhe="disable")
+    print(f"clear quantized model (fhe=disable) top-1 on {len(labels)} training images: {reference:.4f}")
+    bar = tqdm(total=cfg.max_iter + 2, desc="p_error search", leave=False)
+
+    def accuracy_at(p):
+        qm = compiled(p)
+        acc = float(np.mean([simulate_top1(qm, feats, labels) for _ in range(cfg.n_sim)]))
+        bar.update()
+        tqdm.write(f"p_error {p:10.4g}  simulated top-1 {acc:.4f}  drop {reference - acc:+.4f}")
+        return acc
+
+    t0 = time.perf_counter()
+    chosen, trace = bisect_log(accuracy_at, reference, cfg.tolerance, cfg.lower, cfg.upper, cfg.max_iter)
+    bar.close()
+    if chosen is None:
+        raise UserError(f"even p_error={cfg.lower:g} loses more than {cfg.tolerance} top-1: lower --lower or raise --tolerance")
+    print(f"chosen p_error {chosen:.4g} ({time.perf_counter() - t0:.0f} s)")
+
+    qm = compiled(chosen)
+    drops = [reference - simulate_top1(qm, feats, labels) for _ in tqdm(range(cfg.n_validation), desc="validation", leave=False)]
+    validation = {"runs": cfg.n_validation, "mean_drop": float(np.mean(drops)) if drops else None, "max_drop": float(np.max(drops)) if drops else None}
+    if drops:
+        print(f"validation over {cfg.n_validation} simulations: mean drop {validation['mean_drop']:+.4f}, max drop {validation['max_drop']:+.4f}")
+    result = {
+        "p_error": chosen,
+        "reference_top1": reference,
+        "trace": [{"p_error": p, "top1": a, "within_tolerance": bool(ok)} for p, a, ok in trace],
+        "validation": validation,
+        "model_config": ckpt["model_config"],
+        **provenance(cfg),
+    }
+    write_json(cfg.json, result)
+    plot(trace, reference, cfg.tolerance, chosen, Path(cfg.json).with_suffix(".png"))
+    print(f"wrote {cfg.json} and {Path(cfg.json).with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,133 @@
+"""Compilation, simulation, real FHE through the client / server artifacts, and the search."""
+
+from __future__ import annotations
+
+import csv
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import fhe_inference
+from common import load_checkpoint
+from conftest import SHARED, needs_dataset
+from fhe import CompileOptions, clear_features, compile_checkpoint, to_concrete
+from p_error_search import bisect_log
+
+# A very small p_error (over the ~450 PBS of the tiny circuit an error is ~1e-6 likely) and
+# exact rounding: approximate rounding may be off by one at random, in FHE as in simulation.
+TINY_FHE = ["--p-error", "1e-9", "--rounding-bits", "4", "--rounding-method", "exact", "--n-calib", "40"]
+
+
+@pytest.fixture(scope="module")
+def tiny_compiled(tiny_checkpoint, tiny_data_dir):
+    o = CompileOptions(checkpoint=str(tiny_checkpoint), data_dir=str(tiny_data_dir), p_error=1e-9, rounding_bits=4, rounding_method="exact", n_calib=40)
+    model, _, qm, report = compile_checkpoint(o)
+    images, labels = data.stack(data.dataset("test", tiny_data_dir))
+    return model, qm, report, images, labels
+
+
+def test_cost_report(tiny_compiled, tiny_checkpoint, tiny_data_dir):
+    _, _, r, _, _ = tiny_compiled
+    assert sum(r["pbs_per_parameter"].values()) == r["pbs_count"]
+    # without rounding: 8*4*4 conv activations + 16 hidden + 10 outputs, one lookup each
+    # (exact rounding adds small lookups on top of these)
+    o = CompileOptions(checkpoint=str(tiny_checkpoint), data_dir=str(tiny_data_dir), rounding_bits=0, n_calib=40)
+    plain = compile_checkpoint(o)[3]
+    assert plain["pbs_count"] == 8 * 4 * 4 + 16 + 10 < r["pbs_count"]
+    assert r["key_sizes"]["bootstrap_keys"] > 0 and r["max_bit_width"] <= 10
+    assert r["compile_seconds"] > 0 and len(r["layers"]) == 3
+
+
+def test_non_contiguous_inputs_are_made_contiguous(tiny_compiled):
+    """Concrete reads raw buffers and ignores strides: a channels-last array must be copied."""
+    model, qm, _, images, _ = tiny_compiled
+    feats = clear_features(model, images)
+    channels_last = np.ascontiguousarray(feats.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert not channels_last.flags["C_CONTIGUOUS"] and np.array_equal(channels_last, feats)
+    fixed = to_concrete(channels_last)
+    assert fixed.flags["C_CONTIGUOUS"]
+    assert np.array_equal(qm.forward(fixed, fhe="simulate"), qm.forward(feats, fhe="simulate"))
+    # the clear part run in channels-last memory format still hands Concrete a contiguous array
+    model_cl = model.to(memory_format=torch.channels_last)
+    feats_cl = clear_features(model_cl, images.to(memory_format=torch.channels_last))
+    model.to(memory_format=torch.contiguous_format)
+    assert feats_cl.flags["C_CONTIGUOUS"] and np.allclose(feats_cl, feats)
+
+
+def test_simulation_is_deterministic_at_tiny_p_error(tiny_compiled):
+    """What makes "FHE == simulation" below a meaningful check rather than luck."""
+    model, qm, _, images, _ = tiny_compiled
+    feats = clear_features(model, images)
+    assert np.array_equal(qm.forward(feats, fhe="simulate"), qm.forward(feats, fhe="simulate"))
+
+
+def test_real_fhe_client_server_equals_simulation(tiny_checkpoint, tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "fhe"
+    args = ["--checkpoint", str(tiny_checkpoint), "--data-dir", str(tiny_data_dir), "--n-images", "2", "--out-dir", str(out), *TINY_FHE]
+    summary = fhe_inference.main(args)
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert [int(r["index"]) for r in rows] == [0, 1]
+    for r in rows:
+        # integers decrypted from FHE equal the simulated ones exactly, so the logits do too
+        assert r["fhe_logits"] == r["sim_logits"] and r["fhe_pred"] == r["sim_pred"]
+        assert float(r["server_s"]) > 0 and int(r["input_bytes"]) > 0
+    assert summary["fhe_sim_agreement"] == 1.0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["config"]["p_error"] == 1e-9 and meta["hardware"]["cores"] and "concrete-ml" in meta["versions"]
+    # the server holds the compiled model and the evaluation keys, nothing else
+    assert sorted(p.name for p in (out / "server").iterdir()) == ["evaluation_keys.bin", "server.zip"]
+    assert not any("key" in n.lower() for n in zipfile.ZipFile(out / "server" / "server.zip").namelist())
+    assert any((out / "client" / "keys").rglob("*")), "the secret key stays in the client's directory"
+    # a rerun with the same settings skips what is done; other settings are refused
+    capsys.readouterr()
+    base = args[: args.index("--p-error")]
+    fhe_inference.main([a if a != "2" else "3" for a in base] + TINY_FHE)
+    assert "2 images already" in capsys.readouterr().out
+    assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 3
+    from common import UserError
+
+    with pytest.raises(UserError, match="other settings"):
+        fhe_inference.main(base + ["--p-error", "1e-6", "--rounding-bits", "4", "--rounding-method", "exact", "--n-calib", "40"])
+
+
+def test_search_finds_a_known_threshold():
+    threshold = 0.0123
+    calls = []
+
+    def accuracy_at(p):
+        calls.append(p)
+        return 0.90 if p <= threshold else 0.50
+
+    chosen, trace = bisect_log(accuracy_at, reference=0.90, tolerance=0.01, lower=1e-6, upper=0.5, max_iter=14)
+    assert threshold / 1.01 < chosen <= threshold
+    assert len(calls) == 16 and all(ok == (p <= threshold) for p, _, ok in trace)
+    assert bisect_log(lambda p: 0.9, 0.9, 0.01, 1e-6, 0.5, 5)[0] == 0.5  # everything passes: upper
+    assert bisect_log(lambda p: 0.1, 0.9, 0.01, 1e-6, 0.5, 5)[0] is None  # nothing passes
+
+
+@needs_dataset
+def test_shipped_checkpoint_simulation_close_to_torch():
+    import infer_vl
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "fast.pt"
+    o = CompileOptions(checkpoint=str(ckpt), data_dir=str(SHARED), p_error=0.05, rounding_bits=6)
+    model, _, qm, _ = compile_checkpoint(o)
+    images, labels = data.stack(data.dataset("test", SHARED, n=200))
+    acc = infer_vl.evaluate(model, qm, images, labels)
+    assert abs(acc["simulate"]["top1"] - acc["torch"]["top1"]) <= 0.01 + 1e-9
+
+
+def test_per_pbs_estimator_matches_parameters_and_measures():
+    from benchmark import param_dict, per_pbs_seconds, synthetic_circuit
+
+    circuit = synthetic_circuit(5, 0.05, 16)
+    (param,) = circuit.statistics["programmable_bootstrap_count_per_parameter"]
+    target = param_dict(param)
+    cost = per_pbs_seconds(target, n=16)
+    assert cost["matched"]["polynomial_size"] == target["polynomial_size"] and cost["matched"]["level"] == target["level"]
+    assert 0 < cost["seconds"] < 10
