@@ -27,4 +27,4 @@ test-all: install
 	$(PY) -m pytest -q -m "slow or not slow" tests
 
 notebook: install
-	$(PY) -m jupyter nbconvert --to notebook --execute --inplace Cifar10.ipynb
+	$(PY) tools/run_notebook.py --write
