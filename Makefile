@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 # The main job: the shipped fast model, torch accuracy, simulated accuracy, one real FHE image
 run: install
 	$(PY) infer_torch.py --checkpoint checkpoints/fast.pt
-	$(PY) fhe_inference.py --checkpoint checkpoints/fast.pt --p-error 0.05 --n-images 3 --out-dir runs/fhe_fast_make
+	$(PY) fhe_inference.py --checkpoint checkpoints/fast.pt --n-images 3 --out-dir runs/fhe_fast_make
 
 test: install
 	$(PY) -m pytest -q tests

@@ -32,7 +32,7 @@ from common import UserError, opt, parse_config, provenance, run_main, write_jso
 # <checkpoint-dir>/<name>.pt is compiled with these.
 SETTINGS = {
     "reference": {"p_error": 0.05, "rounding_bits": 0},
-    "fast": {"p_error": 0.05, "rounding_bits": 6, "rounding_method": "approximate"},
+    "fast": {"p_error": 0.078, "rounding_bits": 6, "rounding_method": "approximate"},
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
 }
 KEY_LIMIT_BYTES = 6 * 2**30  # never generate larger keys for a per-PBS measurement
@@ -117,19 +117,23 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     from fhe import CompileOptions, compile_checkpoint
 
     settings = {"checkpoint": str(Path(cfg.checkpoint_dir) / f"{name}.pt"), **SETTINGS[name]}
-    if not Path(settings["checkpoint"]).is_file():
-        return {"config": name, "missing": f"no checkpoint {settings['checkpoint']} (train it with train.py --model {name})"}
     o = CompileOptions(data_dir=cfg.data_dir, **settings)
-    model, ckpt, qm, report = compile_checkpoint(o)
     images, labels = data.stack(data.dataset("test", cfg.data_dir, n=cfg.n_images))
-    acc = infer_vl.evaluate(model, qm, images, labels)
+    if Path(o.checkpoint).is_file():
+        model, ckpt, qm, report = compile_checkpoint(o)
+        acc = infer_vl.evaluate(model, qm, images, labels)
+        top1 = {"torch_top1": acc["torch"]["top1"], "sim_top1": acc["simulate"]["top1"], "epochs_trained": ckpt.get("epoch")}
+    else:
+        # No trained checkpoint: the cost columns (PBS, bit widths, crypto parameters, keys,
+        # time) do not need one; the accuracy columns do, and stay empty.
+        print(f"no {o.checkpoint}: costs from an untrained {name} model, no accuracy")
+        model, qm, report = untrained_compiled(name, o)
+        top1 = {"torch_top1": None, "sim_top1": None, "epochs_trained": 0}
     estimate, parts = estimate_fhe_seconds(qm.fhe_circuit.statistics["programmable_bootstrap_count_per_parameter"])
     row = {
         "config": name,
         "settings": settings,
-        "epochs_trained": ckpt.get("epoch"),
-        "torch_top1": acc["torch"]["top1"],
-        "sim_top1": acc["simulate"]["top1"],
+        **top1,
         "n_images": len(labels),
         **{k: report[k] for k in ("pbs_count", "pbs_per_parameter", "max_bit_width", "key_sizes", "compile_seconds")},
         "fhe_s_estimate": estimate,
@@ -147,6 +151,31 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     return row
 
 
+def untrained_compiled(name: str, o):
+    """A freshly initialised, pruned model with batch-norm statistics from 512 training images."""
+    import torch
+
+    import data
+    from fhe import calibration_set, compile_model, cost_report
+    from models import CONFIGS, SplitNet
+    from pruning import apply_pruning, folded_state_dict
+
+    torch.manual_seed(0)
+    net = SplitNet(CONFIGS[name])
+    apply_pruning(net, net.cfg.accumulator_bits)
+    x, _ = data.stack(data.dataset("train", o.data_dir, n=512))
+    net.train()
+    with torch.no_grad():
+        for i in range(0, len(x), 64):
+            net(x[i : i + 64])
+    model = SplitNet(net.cfg)
+    model.load_state_dict(folded_state_dict(net))
+    model.eval()
+    t0 = time.perf_counter()
+    qm = compile_model(model, calibration_set(model, o), o)
+    return model, qm, cost_report(qm, time.perf_counter() - t0)
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -159,13 +188,10 @@ def fmt_time(row) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    rows = [r for r in rows if "missing" not in r]
-    if not rows:
-        return
     lines = [
-        ("checkpoint epochs", lambda r: str(r["epochs_trained"])),
-        ("top-1 torch", lambda r: f"{r['torch_top1']:.4f}"),
-        ("top-1 simulation", lambda r: f"{r['sim_top1']:.4f}"),
+        ("checkpoint epochs", lambda r: str(r["epochs_trained"]) if r["epochs_trained"] else "untrained"),
+        ("top-1 torch", lambda r: f"{r['torch_top1']:.4f}" if r["torch_top1"] is not None else "n/a"),
+        ("top-1 simulation", lambda r: f"{r['sim_top1']:.4f}" if r["sim_top1"] is not None else "n/a"),
         ("PBS per image", lambda r: f"{r['pbs_count']:,}"),
         ("max bit width", lambda r: str(r["max_bit_width"])),
         ("crypto params (N, k, level: PBS)", lambda r: "; ".join(f"{p['parameters']['polynomial_size']},{p['parameters']['glwe_dimension']},{p['parameters']['level']}: {p['pbs']:,}" for p in r["estimate_parts"])),
@@ -182,8 +208,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{label:<{width}}  " + "  ".join(f"{get(r):>24}" for r in rows))
     if len(rows) == 2 and all(r.get("fhe_s_median") or r.get("fhe_s_estimate") for r in rows):
         t = [r.get("fhe_s_median") or r.get("fhe_s_estimate") for r in rows]
-        print(f"time ratio {rows[0]['config']} / {rows[1]['config']}: {t[0] / t[1]:,.0f}x; "
-              f"top-1 (simulation) {rows[1]['sim_top1'] - rows[0]['sim_top1']:+.4f}")
+        print(f"FHE time ratio {rows[0]['config']} / {rows[1]['config']}: {t[0] / t[1]:,.0f}x")
 
 
 def main(argv=None) -> list[dict] | dict:
@@ -203,10 +228,7 @@ def main(argv=None) -> list[dict] | dict:
         found = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_ROW ")]
         if proc.returncode != 0 or not found:
             raise UserError(f"benchmark of {name} failed:\n{proc.stderr.strip()[-2000:]}")
-        row = json.loads(found[-1][len("BENCH_ROW "):])
-        if "missing" in row:
-            print(f"skipped {name}: {row['missing']}")
-        rows.append(row)
+        rows.append(json.loads(found[-1][len("BENCH_ROW "):]))
     print_table(rows)
     if cfg.json:
         write_json(cfg.json, {"rows": rows, **provenance(cfg)})

