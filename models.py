@@ -278,7 +278,3 @@ class SplitNet(nn.Module):
             elif isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear)):
                 out.append((m, quant_range(last_quant)))
         return out
-
-
-def layer_names(model: SplitNet) -> dict[nn.Module, str]:
-    return {m: name for name, m in model.named_modules()}

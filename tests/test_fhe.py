@@ -135,3 +135,16 @@ def test_per_pbs_estimator_matches_parameters_and_measures():
     cost = per_pbs_seconds(target, n=16)
     assert cost["matched"]["polynomial_size"] == target["polynomial_size"] and cost["matched"]["level"] == target["level"]
     assert 0 < cost["seconds"] < 10
+
+
+@needs_dataset
+@pytest.mark.slow
+def test_shipped_fast_model_under_real_fhe(tmp_path):
+    """One test image through the deployed setting (~30 s of FHE on 2 cores)."""
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "fast.pt"
+    fhe_inference.main(["--checkpoint", str(ckpt), "--data-dir", str(SHARED), "--n-images", "1", "--out-dir", str(tmp_path)])
+    (row,) = csv.DictReader(open(tmp_path / "predictions.csv"))
+    fhe_logits = np.array(row["fhe_logits"].split(), dtype=float)
+    sim_logits = np.array(row["sim_logits"].split(), dtype=float)
+    # approximate rounding and p_error make both noisy, but they are the same computation
+    assert np.corrcoef(fhe_logits, sim_logits)[0, 1] > 0.9
