@@ -27,4 +27,4 @@ test-all: install
 	$(PY) -m pytest -q -m "slow or not slow" tests
 
 notebook: install
-	$(PY) tools/run_notebook.py --write
+	$(PY) tools/run_notebook.py --write --mode $${NOTEBOOK_MODE:-quick}

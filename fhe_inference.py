@@ -193,6 +193,7 @@ def main(argv=None) -> dict:
         f"torch {summary['torch_top1']:.4f}; FHE = simulation on {summary['fhe_sim_agreement']:.1%} of images; "
         f"median server time {summary['server_s_median']:.2f} s"
     )
+    print("median seconds per stage: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["stage_s_median"].items()))
     return summary
 
 
