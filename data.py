@@ -262,8 +262,8 @@ def train_val_datasets(data_dir=None, val_size: int = 5000, n_train: int | None 
     return ArrayDataset(arrays, train_idx, train=True), ArrayDataset(arrays, val_idx, train=False)
 
 
-def stack(ds: ArrayDataset) -> tuple["torch.Tensor", np.ndarray]:  # noqa: F821
-    """All images of a (small) dataset as one (N, 3, 32, 32) float tensor, plus labels."""
+def stack(ds: ArrayDataset):
+    """All images of a (small) dataset as one (N, 3, 32, 32) float tensor, plus labels (N,)."""
     import torch
 
     xs, ys = zip(*(ds[i] for i in range(len(ds))))

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import data
 from common import UserError, opt, parse_config, provenance, run_main, write_json
 from common import torch_logits as torch_logits_of
-from fhe import CompileOptions, clear_features, compile_checkpoint, print_report, to_concrete
+from fhe import CompileOptions, clear_features, compile_checkpoint, print_report
 
 STAGES = ("clear", "quantize", "encrypt", "serialize", "server", "decrypt", "dequantize")
 COLUMNS = ["index", "label", "torch_pred", "sim_pred", "fhe_pred", *[f"{s}_s" for s in STAGES], "input_bytes", "torch_logits", "sim_logits", "fhe_logits"]

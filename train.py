@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 import data
-from common import UserError, load_checkpoint, opt, parse_config, run_main, save_checkpoint, versions
+from common import UserError, atomic_write, opt, parse_config, run_main, save_checkpoint, versions
 from models import CONFIGS, SplitNet
 from pruning import accumulator_bits, apply_pruning, load_pruned_state, pruned_state
 
@@ -159,7 +159,7 @@ def train(cfg: TrainConfig) -> dict:
             "train_config": asdict(cfg),
             "versions": versions(),
         }
-        torch.save(st, state_path(cfg.out))
+        atomic_write(state_path(cfg.out), lambda tmp: torch.save(st, tmp))
 
     acc = accumulator_bits(model)
     print("worst-case accumulator per encrypted layer (signed bits):")

@@ -4,7 +4,6 @@ shared CIFAR-10 copy when this machine has it."""
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import sys
 import tarfile

@@ -13,7 +13,6 @@ import torch
 
 import data
 import fhe_inference
-from common import load_checkpoint
 from conftest import SHARED, needs_dataset
 from fhe import CompileOptions, clear_features, compile_checkpoint, to_concrete
 from p_error_search import bisect_log
