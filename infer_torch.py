@@ -26,11 +26,12 @@ class TorchInferConfig:
 def main(argv=None) -> dict:
     cfg = parse_config(TorchInferConfig, argv, __doc__.split("\n")[0])
     model, ckpt = load_checkpoint(cfg.checkpoint)
-    images, labels = data.stack(data.dataset("test", cfg.data_dir, n=cfg.n_images))
+    test = data.dataset("test", cfg.data_dir, n=cfg.n_images)
+    images, labels = data.stack(test)
     acc = topk_accuracy(torch_logits(model, images), labels)
     print(f"{ckpt['model_config']['name']} checkpoint {cfg.checkpoint}, {len(labels)} test images")
     print(format_topk("torch", acc))
-    result = {"n_images": len(labels), "torch": acc, "dataset": data.load_split("test", cfg.data_dir).source, **provenance(cfg)}
+    result = {"n_images": len(labels), "torch": acc, "dataset": test.arrays.source, **provenance(cfg)}
     if cfg.json:
         write_json(cfg.json, result)
     return result

@@ -16,6 +16,7 @@ fhe_inference.py does.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -107,6 +108,7 @@ def main(argv=None) -> dict:
     images, labels = data.stack(data.dataset("train", cfg.data_dir, n=cfg.n_images))
     feats = clear_features(model, images)
 
+    @functools.lru_cache(maxsize=None)  # --upper is compiled for the reference and searched
     def compiled(p):
         return compile_model(model, calib, compile_options(cfg, p_error=p))
 
