@@ -278,3 +278,24 @@ class SplitNet(nn.Module):
             elif isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear)):
                 out.append((m, quant_range(last_quant)))
         return out
+
+    def layer_table(self) -> list[str]:
+        """One line per layer of both parts: index, kind, shape and bit width (a compact repr)."""
+
+        def describe(m: nn.Module) -> str:
+            if isinstance(m, (qnn.QuantConv2d, nn.Conv2d)):
+                bits = f", {int(m.quant_weight().bit_width)}-bit weights" if isinstance(m, qnn.QuantConv2d) else ", float"
+                return f"conv {m.in_channels}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]} p{m.padding[0]}{bits}"
+            if isinstance(m, qnn.QuantLinear):
+                return f"linear {m.in_features}->{m.out_features}, {int(m.quant_weight().bit_width)}-bit weights"
+            if isinstance(m, (qnn.QuantIdentity, qnn.QuantReLU)):
+                lo, hi = quant_range(m)
+                return f"{type(m).__name__} {int(m.act_quant.bit_width())}-bit, integers {lo}..{hi}"
+            if isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)):
+                return f"{type(m).__name__} {m.kernel_size}"
+            return type(m).__name__
+
+        rows = [f"clear      {name:<5} {describe(m)}" for name, m in self.clear.named_children() if not isinstance(m, nn.Identity)]
+        rows[-1] += "  (shared: the first encrypted layer)"
+        rows += [f"encrypted  {i:<5} {describe(m)}" for i, m in enumerate(self.encrypted.layers) if i > 0]
+        return rows

@@ -32,6 +32,10 @@ def test_reference_layer_table():
     assert m.clear.conv.out_channels == 64 and m.clear.conv.bias is not None
     linears = [l for l in m.encrypted.layers if type(l).__name__ == "QuantLinear"]
     assert [(l.in_features, l.out_features) for l in linears] == [(256, 512), (512, 512), (512, 10)]
+    table = m.layer_table()
+    assert len(table) == 3 + len(m.encrypted.layers) - 1  # the shared split quantizer listed once
+    assert table[2].startswith("clear      quant QuantIdentity 3-bit, integers -4..3")
+    assert sum("2-bit weights" in row for row in table) == 8
 
 
 def test_checkpoint_round_trip_is_strict(tmp_path):

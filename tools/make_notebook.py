@@ -68,8 +68,7 @@ code("""
 model, ckpt = load_checkpoint(CHECKPOINT)
 print("model config:", ckpt["model_config"])
 print("trained epochs:", ckpt["epoch"], " validation top-1:", round(ckpt["metrics"]["val_acc"], 4))
-print("\\nCLEAR (client, float):\\n", model.clear)
-print("\\nENCRYPTED (server, FHE):\\n", model.encrypted.layers)
+print("\\n".join(model.layer_table()))
 """)
 
 md("## Training\nQuantization-aware training with Brevitas. In quick mode this runs a few steps on a small subset, to show the loop; the shipped checkpoint was trained with `python train.py --model fast --epochs 40 --label-smoothing 0.1`.")
@@ -103,13 +102,14 @@ code("""
 feats = fhe.clear_features(model, images)
 def sim_top1(q): return topk_accuracy(q.forward(feats, fhe="simulate"), labels, ks=(1,))["top1"]
 
+calib = fhe.calibration_set(model, opts)  # the same for every compile below
 rows_p = []
 for p in SETTINGS["p_errors"]:
-    q = fhe.compile_model(model, fhe.calibration_set(model, opts), fhe.compile_options(opts, p_error=p))
+    q = fhe.compile_model(model, calib, fhe.compile_options(opts, p_error=p))
     rows_p.append((p, sim_top1(q), q.fhe_circuit.statistics["complexity"]))
 rows_r = []
 for r in SETTINGS["rounding_bits"]:
-    q = fhe.compile_model(model, fhe.calibration_set(model, opts), fhe.compile_options(opts, rounding_bits=r))
+    q = fhe.compile_model(model, calib, fhe.compile_options(opts, rounding_bits=r))
     rows_r.append((r, sim_top1(q), q.fhe_circuit.statistics["complexity"]))
 
 fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5))
