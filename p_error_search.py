@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 import data
-from common import UserError, load_checkpoint, opt, parse_config, provenance, run_main, topk_accuracy, write_json
+from common import UserError, atomic_write, load_checkpoint, opt, parse_config, provenance, run_main, topk_accuracy, write_json
 from fhe import CompileOptions, calibration_set, clear_features, compile_model, compile_options
 
 
@@ -96,7 +96,7 @@ def plot(trace, reference: float, tolerance: float, chosen, path: Path) -> None:
     ax.set_ylabel("top-1 accuracy")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
