@@ -30,11 +30,13 @@ import numpy as np
 
 from common import UserError, opt, parse_config, provenance, run_main, write_json
 
-# The settings each config is compiled with. The reference's are its own (no rounding,
-# p_error 0.05 as its binary search found); the fast config's come from p_error_search.py.
-# <checkpoint-dir>/<name>.pt is compiled with these.
+# The settings each row is compiled with. The reference's are its own (no rounding, p_error
+# 0.05 as its binary search found); "reference_r6" is the same checkpoint with the rounded
+# table lookups this project runs it with; the fast config's come from p_error_search.py.
+# <checkpoint-dir>/<model>.pt is compiled with these (model: the row's name unless given).
 SETTINGS = {
     "reference": {"p_error": 0.05, "rounding_bits": 0},
+    "reference_r6": {"model": "reference", "p_error": 0.05, "rounding_bits": 6, "rounding_method": "approximate"},
     "fast": {"p_error": 0.078, "rounding_bits": 6, "rounding_method": "approximate"},
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
 }
@@ -43,7 +45,7 @@ KEY_LIMIT_BYTES = 6 * 2**30  # never generate larger keys for a per-PBS measurem
 
 @dataclass
 class BenchConfig:
-    configs: str = opt("reference,fast", "comma-separated configs to benchmark (see SETTINGS in benchmark.py)")
+    configs: str = opt("reference,reference_r6,fast", "comma-separated configs to benchmark (see SETTINGS in benchmark.py)")
     checkpoint_dir: str = opt("checkpoints", "folder holding <config>.pt")
     n_images: int = opt(1000, "test images for the torch / simulation top-1")
     n_fhe: int = opt(3, "images run in real FHE for the measured time (median)")
@@ -136,7 +138,9 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     import infer_vl
     from fhe import CompileOptions, compile_checkpoint
 
-    settings = {"checkpoint": str(Path(cfg.checkpoint_dir) / f"{name}.pt"), **SETTINGS[name]}
+    settings = dict(SETTINGS[name])
+    model_name = settings.pop("model", name)
+    settings = {"checkpoint": str(Path(cfg.checkpoint_dir) / f"{model_name}.pt"), **settings}
     o = CompileOptions(data_dir=cfg.data_dir, **settings)
     images, labels = data.stack(data.dataset("test", cfg.data_dir, n=cfg.n_images))
     if Path(o.checkpoint).is_file():
@@ -147,7 +151,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         # No trained checkpoint: the cost columns (PBS, bit widths, crypto parameters, keys,
         # time) do not need one; the accuracy columns do, and stay empty.
         print(f"no {o.checkpoint}: costs from an untrained {name} model, no accuracy")
-        model, qm, report = untrained_compiled(name, o)
+        model, qm, report = untrained_compiled(model_name, o)
         top1 = {"torch_top1": None, "sim_top1": None, "epochs_trained": 0}
     estimate, parts = estimate_fhe_seconds(qm.fhe_circuit.statistics["programmable_bootstrap_count_per_parameter"])
     row = {
@@ -226,9 +230,11 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'':<{width}}  " + "  ".join(f"{r['config']:>24}" for r in rows))
     for label, get in lines:
         print(f"{label:<{width}}  " + "  ".join(f"{get(r):>24}" for r in rows))
-    if len(rows) == 2 and all(r.get("fhe_s_median") or r.get("fhe_s_estimate") for r in rows):
-        t = [r.get("fhe_s_median") or r.get("fhe_s_estimate") for r in rows]
-        print(f"FHE time ratio {rows[0]['config']} / {rows[1]['config']}: {t[0] / t[1]:,.0f}x")
+    t = {r["config"]: r.get("fhe_s_median") or r.get("fhe_s_estimate") for r in rows}
+    if t.get("fast"):
+        for name, seconds in t.items():
+            if name != "fast" and seconds:
+                print(f"FHE time ratio {name} / fast: {seconds / t['fast']:,.0f}x")
 
 
 def main(argv=None) -> list[dict] | dict:

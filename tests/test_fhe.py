@@ -131,6 +131,24 @@ def test_shipped_checkpoint_simulation(rounding_bits, vs):
     assert abs(np.mean(sims) - acc[vs]["top1"]) <= 0.015
 
 
+@needs_dataset
+def test_shipped_reference_checkpoint_simulation():
+    """The reference at its deployed setting (p_error 0.05, 6-bit approximate rounding) on the
+    first 200 test images. Its simulation is noisy (about +-2 points from run to run on 500
+    images, see results/p_error_search_reference.json), so the bounds leave room for that; a
+    broken compile or a scrambled input (chance: 0.10 top-1) fails them by far."""
+    import infer_vl
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "reference.pt"
+    o = CompileOptions(checkpoint=str(ckpt), data_dir=str(SHARED), p_error=0.05, rounding_bits=6)
+    model, _, qm, report = compile_checkpoint(o)
+    assert report["max_bit_width"] <= model.cfg.accumulator_bits  # the pruning bound, compiled
+    images, labels = data.stack(data.dataset("test", SHARED, n=200))
+    acc = infer_vl.evaluate(model, qm, images, labels)
+    assert acc["simulate"]["top1"] >= acc["torch"]["top1"] - 0.05
+    assert acc["sim_vs_torch_agreement"] >= 0.7
+
+
 def test_per_pbs_estimator_matches_parameters_and_measures():
     from benchmark import param_dict, per_pbs_seconds, synthetic_circuit
 
