@@ -9,7 +9,8 @@ per image. The FHE time is measured (median over --n-fhe images, through the cli
 server path of fhe_inference.py) where --max-fhe-s allows; otherwise it is ESTIMATED as
 sum(PBS count x per-PBS seconds), each per-PBS cost measured here on a synthetic lookup
 circuit that Concrete compiles to the same (polynomial size, GLWE dimension, level), or the
-nearest, scaled by a PBS cost model (see per_pbs_seconds). The estimator also runs on the
+closest comparable one scaled by a PBS cost model (see per_pbs_seconds; none comparable: no
+estimate). The estimator also runs on the
 measured configs, to validate it.
 """
 
@@ -86,26 +87,50 @@ def pbs_cost_model(p: dict) -> float:
     return n_ * lvl * (k + 1) ** 2 * N * math.log2(N)
 
 
+# Above 10 bits Concrete compiles a synthetic lookup to another kind of bootstrap (small
+# polynomials, level 3-4) that costs ~100x a PBS: such circuits say nothing about a PBS.
+SYNTHETIC_BITS = range(1, 11)
+SYNTHETIC_P_ERRORS = (0.1, 0.05, 1e-3, 1e-6, 2**-40)
+
+
 @functools.lru_cache(maxsize=None)
 def synthetic_candidates(n: int) -> tuple:
     """(parameters, bits, p_error) that Concrete picks for synthetic lookups (compile only)."""
     out = []
-    for bits in range(1, 13):
-        for p_error in (0.1, 0.05, 1e-3, 1e-6, 2**-40):
+    for bits in SYNTHETIC_BITS:
+        for p_error in SYNTHETIC_P_ERRORS:
             (param,) = synthetic_circuit(bits, p_error, n).statistics["programmable_bootstrap_count_per_parameter"]
             out.append((tuple(param_dict(param).items()), bits, p_error))
     return tuple(out)
 
 
+def match_tier(candidate: dict, target: dict) -> int | None:
+    """How closely a synthetic circuit's parameters stand for the target's: 0 the same
+    (polynomial size, GLWE dimension, level); 1 the same polynomial size and GLWE dimension;
+    2 the same GLWE size (k x N); None: not comparable, the cost model is not trusted across."""
+    same = lambda *ks: all(candidate[k] == target[k] for k in ks)  # noqa: E731
+    glwe_size = lambda p: p["glwe_dimension"] * p["polynomial_size"]  # noqa: E731
+    if same("polynomial_size", "glwe_dimension", "level"):
+        return 0
+    if same("polynomial_size", "glwe_dimension"):
+        return 1
+    return 2 if glwe_size(candidate) == glwe_size(target) else None
+
+
 def per_pbs_seconds(target: dict, n: int = 128) -> dict:
-    """Measure one PBS on the synthetic circuit closest to the target's parameters: the same
-    (polynomial size, GLWE dimension, level) when Concrete picks one, else the nearest in the
-    cost model; the time is scaled by the cost model's ratio (an estimate, validated in the
-    benchmark on the configs whose FHE time is measured)."""
-    key = lambda p: (p["polynomial_size"], p["glwe_dimension"], p["level"])  # noqa: E731
-    cands = [(dict(p), bits, pe) for p, bits, pe in synthetic_candidates(n)]
-    exact = [c for c in cands if key(c[0]) == key(target)]
-    got, bits, p_error = min(exact or cands, key=lambda c: abs(math.log(pbs_cost_model(c[0]) / pbs_cost_model(target))))
+    """Measure one PBS on the synthetic circuit whose parameters best stand for the target's
+    (see match_tier; among equals, the nearest in the cost model) and scale the time by the
+    cost model's ratio: an estimate, validated in the benchmark on the configs whose FHE time
+    is measured. No comparable circuit: seconds is None, and the row says so."""
+    scored = []
+    for p, bits, pe in synthetic_candidates(n):
+        tier = match_tier(dict(p), target)
+        if tier is not None:
+            distance = abs(math.log(pbs_cost_model(dict(p)) / pbs_cost_model(target)))
+            scored.append(((tier, distance), dict(p), bits, pe))
+    if not scored:
+        return {"matched": None, "seconds": None, "note": f"no synthetic lookup compiles to N={target['polynomial_size']}, k={target['glwe_dimension']}: not estimated"}
+    (tier, _), got, bits, p_error = min(scored, key=lambda c: c[0])
     circuit = synthetic_circuit(bits, p_error, n)
     key_bytes = sum(int(circuit.statistics[f"size_of_{k}"]) for k in ("bootstrap_keys", "keyswitch_keys"))
     if key_bytes > KEY_LIMIT_BYTES:
@@ -117,7 +142,7 @@ def per_pbs_seconds(target: dict, n: int = 128) -> dict:
     circuit.run(x)
     measured = (time.perf_counter() - t0) / n
     scale = pbs_cost_model(target) / pbs_cost_model(got)
-    return {"matched": got, "exact_match": bool(exact), "measured_seconds": measured, "seconds": measured * scale, "bits": bits, "p_error": p_error}
+    return {"matched": got, "match_tier": tier, "measured_seconds": measured, "seconds": measured * scale, "bits": bits, "p_error": p_error}
 
 
 def estimate_fhe_seconds(pbs_per_parameter: dict) -> tuple[float | None, list]:
@@ -230,6 +255,10 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'':<{width}}  " + "  ".join(f"{r['config']:>24}" for r in rows))
     for label, get in lines:
         print(f"{label:<{width}}  " + "  ".join(f"{get(r):>24}" for r in rows))
+    for r in rows:
+        for part in r["estimate_parts"]:
+            if part["seconds"] is None:
+                print(f"{r['config']}: {part['pbs']:,} PBS at N={part['parameters']['polynomial_size']}: {part['note']}")
     t = {r["config"]: r.get("fhe_s_median") or r.get("fhe_s_estimate") for r in rows}
     if t.get("fast"):
         for name, seconds in t.items():

@@ -160,6 +160,20 @@ def test_per_pbs_estimator_matches_parameters_and_measures():
     assert 0 < cost["seconds"] < 10
 
 
+
+def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
+    """A (N, k) no synthetic lookup compiles to gets no estimate rather than a guess scaled
+    from another ring size (the fault that once put a 4096-level-2 PBS at ~1 s)."""
+    from benchmark import match_tier, per_pbs_seconds
+
+    p = dict(polynomial_size=2048, glwe_dimension=1, level=1, input_lwe_dimension=800, base_log=23)
+    assert match_tier(p, p) == 0
+    assert match_tier(p, {**p, "level": 2}) == 1
+    assert match_tier(p, {**p, "polynomial_size": 512, "glwe_dimension": 4}) == 2
+    assert match_tier(p, {**p, "polynomial_size": 4096}) is None
+    cost = per_pbs_seconds({**p, "polynomial_size": 2**20}, n=16)
+    assert cost["seconds"] is None and cost["matched"] is None and "not estimated" in cost["note"]
+
 @needs_dataset
 @pytest.mark.slow
 def test_shipped_fast_model_under_real_fhe(tmp_path):
