@@ -42,6 +42,29 @@ def test_cost_report(tiny_compiled, tiny_checkpoint, tiny_data_dir):
     assert r["compile_seconds"] > 0 and len(r["layers"]) == 3
 
 
+def test_infer_vl_on_tiny_data(tiny_checkpoint, tiny_data_dir, tmp_path):
+    """The script end to end: at a negligible p_error and exact rounding, simulation is the
+    clear quantized model exactly; the JSON holds what the screen said."""
+    import infer_vl
+
+    out = tmp_path / "sim.json"
+    r = infer_vl.main(["--checkpoint", str(tiny_checkpoint), "--data-dir", str(tiny_data_dir), "--batch-size", "7", "--json", str(out)] + TINY_FHE)
+    n = len(data.dataset("test", tiny_data_dir))
+    assert r["n_images"] == n and r["simulate"] == r["disable"]
+    d = r["sim_minus_torch_top1"]
+    assert d["diff"] == pytest.approx(r["simulate"]["top1"] - r["torch"]["top1"]) and d["standard_error"] >= 0
+    assert json.loads(out.read_text())["simulate"] == r["simulate"]
+
+
+def test_paired_difference():
+    import infer_vl
+
+    eye = np.eye(3)
+    a, b = eye[[0, 1, 2, 0]], eye[[0, 1, 1, 1]]  # a right on 4 of 4, b on 2
+    d = infer_vl.paired_difference(a, b, [0, 1, 2, 0])
+    assert d["diff"] == 0.5 and d["standard_error"] == pytest.approx(np.std([0, 0, 1, 1], ddof=1) / 2)
+
+
 def test_non_contiguous_inputs_are_made_contiguous(tiny_compiled):
     """Concrete reads raw buffers and ignores strides: a channels-last array must be copied."""
     model, qm, _, images, _ = tiny_compiled
