@@ -55,7 +55,7 @@ def paired_difference(logits_a: np.ndarray, logits_b: np.ndarray, labels) -> dic
     1-point difference is often within noise (1,000 images at 80 % agreement: about 1.4)."""
     labels = np.asarray(labels)
     d = (logits_a.argmax(1) == labels).astype(float) - (logits_b.argmax(1) == labels)
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None  # JSON has no NaN
     return {"diff": float(d.mean()), "standard_error": se}
 
 
@@ -70,8 +70,8 @@ def main(argv=None) -> dict:
     for k in ("torch", "disable", "simulate"):
         print(format_topk(k, acc[k]))
     d = acc["sim_minus_torch_top1"]
-    print(f"simulate vs torch: top-1 agreement {acc['sim_vs_torch_agreement']:.4f}, "
-          f"top-1 difference {100 * d['diff']:+.2f} +- {100 * d['standard_error']:.2f} points (paired standard error)")
+    se = f" +- {100 * d['standard_error']:.2f}" if d["standard_error"] is not None else ""
+    print(f"simulate vs torch: top-1 agreement {acc['sim_vs_torch_agreement']:.4f}, top-1 difference {100 * d['diff']:+.2f}{se} points (paired standard error)")
     result = {"n_images": len(labels), **acc, "cost": report, **provenance(cfg)}
     if cfg.json:
         write_json(cfg.json, result)

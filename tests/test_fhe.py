@@ -63,6 +63,7 @@ def test_paired_difference():
     a, b = eye[[0, 1, 2, 0]], eye[[0, 1, 1, 1]]  # a right on 4 of 4, b on 2
     d = infer_vl.paired_difference(a, b, [0, 1, 2, 0])
     assert d["diff"] == 0.5 and d["standard_error"] == pytest.approx(np.std([0, 0, 1, 1], ddof=1) / 2)
+    assert infer_vl.paired_difference(a[:1], b[:1], [0]) == {"diff": 0.0, "standard_error": None}
 
 
 def test_non_contiguous_inputs_are_made_contiguous(tiny_compiled):
