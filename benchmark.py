@@ -123,11 +123,12 @@ def per_pbs_seconds(target: dict, n: int = 128) -> dict:
     cost model's ratio: an estimate, validated in the benchmark on the configs whose FHE time
     is measured. No comparable circuit: seconds is None, and the row says so."""
     scored = []
-    for p, bits, pe in synthetic_candidates(n):
-        tier = match_tier(dict(p), target)
+    for items, bits, pe in synthetic_candidates(n):
+        cand = dict(items)
+        tier = match_tier(cand, target)
         if tier is not None:
-            distance = abs(math.log(pbs_cost_model(dict(p)) / pbs_cost_model(target)))
-            scored.append(((tier, distance), dict(p), bits, pe))
+            distance = abs(math.log(pbs_cost_model(cand) / pbs_cost_model(target)))
+            scored.append(((tier, distance), cand, bits, pe))
     if not scored:
         return {"matched": None, "seconds": None, "note": f"no synthetic lookup compiles to N={target['polynomial_size']}, k={target['glwe_dimension']}: not estimated"}
     (tier, _), got, bits, p_error = min(scored, key=lambda c: c[0])

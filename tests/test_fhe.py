@@ -184,7 +184,6 @@ def test_per_pbs_estimator_matches_parameters_and_measures():
     assert 0 < cost["seconds"] < 10
 
 
-
 def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
     """A (N, k) no synthetic lookup compiles to gets no estimate rather than a guess scaled
     from another ring size (the fault that once put a 4096-level-2 PBS at ~1 s)."""
@@ -197,6 +196,7 @@ def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
     assert match_tier(p, {**p, "polynomial_size": 4096}) is None
     cost = per_pbs_seconds({**p, "polynomial_size": 2**20}, n=16)
     assert cost["seconds"] is None and cost["matched"] is None and "not estimated" in cost["note"]
+
 
 @needs_dataset
 @pytest.mark.slow
