@@ -16,9 +16,7 @@ measured configs, to validate it.
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -29,19 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, opt, parse_config, provenance, run_main, write_json
+from cli import UserError, opt, parse_config, run_main
+from pbs_cost import estimate_fhe_seconds
+from provenance import provenance, write_json
 
-# The settings each row is compiled with. The reference's are its own (no rounding, p_error
-# 0.05 as its binary search found); "reference_r6" is the same checkpoint with the rounded
-# table lookups this project runs it with; the fast config's come from p_error_search.py.
-# <checkpoint-dir>/<model>.pt is compiled with these (model: the row's name unless given).
+# The rows: <checkpoint-dir>/<model>.pt (model: the row's name unless given), compiled with
+# the settings deployed in the checkpoint, except those given here. "reference" is the
+# published reference's own setting (no rounding, p_error 0.05 as its binary search found);
+# "reference_r6" the reference checkpoint at its deployed setting (rounded lookups).
 SETTINGS = {
     "reference": {"p_error": 0.05, "rounding_bits": 0},
-    "reference_r6": {"model": "reference", "p_error": 0.05, "rounding_bits": 6, "rounding_method": "approximate"},
-    "fast": {"p_error": 0.078, "rounding_bits": 6, "rounding_method": "approximate"},
+    "reference_r6": {"model": "reference"},
+    "fast": {},
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
 }
-KEY_LIMIT_BYTES = 6 * 2**30  # never generate larger keys for a per-PBS measurement
 
 
 @dataclass
@@ -63,106 +62,14 @@ class BenchConfig:
             raise UserError("--n-images must be >= 1 and --n-fhe >= 0")
 
 
-# ---------------------------------------------------------------- per-PBS cost
-
-
-def param_dict(p) -> dict:
-    return {k: int(getattr(p, k)()) for k in ("polynomial_size", "glwe_dimension", "input_lwe_dimension", "level", "base_log")}
-
-
-def synthetic_circuit(bits: int, p_error: float, n: int):
-    """n independent table lookups on `bits`-bit encrypted inputs: PBS and nothing else."""
-    from concrete import fhe
-
-    table = fhe.LookupTable([(i * 5 + 1) % 16 for i in range(2**bits)])
-    compiler = fhe.Compiler(lambda x: table[x], {"x": "encrypted"})
-    inputset = [np.arange(n) % 2**bits, np.full(n, 2**bits - 1)]
-    return compiler.compile(inputset, fhe.Configuration(p_error=p_error))
-
-
-def pbs_cost_model(p: dict) -> float:
-    """Relative cost of one PBS: n blind-rotation steps, each `level` decompositions of (k+1)
-    polynomials times (k+1) FFT products of size N."""
-    n_, lvl, k, N = p["input_lwe_dimension"], p["level"], p["glwe_dimension"], p["polynomial_size"]
-    return n_ * lvl * (k + 1) ** 2 * N * math.log2(N)
-
-
-# Above 10 bits Concrete compiles a synthetic lookup to another kind of bootstrap (small
-# polynomials, level 3-4) that costs ~100x a PBS: such circuits say nothing about a PBS.
-SYNTHETIC_BITS = range(1, 11)
-SYNTHETIC_P_ERRORS = (0.1, 0.05, 1e-3, 1e-6, 2**-40)
-
-
-@functools.lru_cache(maxsize=None)
-def synthetic_candidates(n: int) -> tuple:
-    """(parameters, bits, p_error) that Concrete picks for synthetic lookups (compile only)."""
-    out = []
-    for bits in SYNTHETIC_BITS:
-        for p_error in SYNTHETIC_P_ERRORS:
-            (param,) = synthetic_circuit(bits, p_error, n).statistics["programmable_bootstrap_count_per_parameter"]
-            out.append((tuple(param_dict(param).items()), bits, p_error))
-    return tuple(out)
-
-
-def match_tier(candidate: dict, target: dict) -> int | None:
-    """How closely a synthetic circuit's parameters stand for the target's: 0 the same
-    (polynomial size, GLWE dimension, level); 1 the same polynomial size and GLWE dimension;
-    2 the same GLWE size (k x N); None: not comparable, the cost model is not trusted across."""
-    same = lambda *ks: all(candidate[k] == target[k] for k in ks)  # noqa: E731
-    glwe_size = lambda p: p["glwe_dimension"] * p["polynomial_size"]  # noqa: E731
-    if same("polynomial_size", "glwe_dimension", "level"):
-        return 0
-    if same("polynomial_size", "glwe_dimension"):
-        return 1
-    return 2 if glwe_size(candidate) == glwe_size(target) else None
-
-
-def per_pbs_seconds(target: dict, n: int = 128) -> dict:
-    """Measure one PBS on the synthetic circuit whose parameters best stand for the target's
-    (see match_tier; among equals, the nearest in the cost model) and scale the time by the
-    cost model's ratio: an estimate, validated in the benchmark on the configs whose FHE time
-    is measured. No comparable circuit: seconds is None, and the row says so."""
-    scored = []
-    for items, bits, pe in synthetic_candidates(n):
-        cand = dict(items)
-        tier = match_tier(cand, target)
-        if tier is not None:
-            distance = abs(math.log(pbs_cost_model(cand) / pbs_cost_model(target)))
-            scored.append(((tier, distance), cand, bits, pe))
-    if not scored:
-        return {"matched": None, "seconds": None, "note": f"no synthetic lookup compiles to N={target['polynomial_size']}, k={target['glwe_dimension']}: not estimated"}
-    (tier, _), got, bits, p_error = min(scored, key=lambda c: c[0])
-    circuit = synthetic_circuit(bits, p_error, n)
-    key_bytes = sum(int(circuit.statistics[f"size_of_{k}"]) for k in ("bootstrap_keys", "keyswitch_keys"))
-    if key_bytes > KEY_LIMIT_BYTES:
-        return {"matched": got, "seconds": None, "note": f"keys {key_bytes / 2**30:.1f} GiB: not measured"}
-    circuit.keygen()
-    x = circuit.encrypt(np.arange(n) % 2**bits)
-    circuit.run(x)  # warm-up
-    t0 = time.perf_counter()
-    circuit.run(x)
-    measured = (time.perf_counter() - t0) / n
-    scale = pbs_cost_model(target) / pbs_cost_model(got)
-    return {"matched": got, "match_tier": tier, "measured_seconds": measured, "seconds": measured * scale, "bits": bits, "p_error": p_error}
-
-
-def estimate_fhe_seconds(pbs_per_parameter: dict) -> tuple[float | None, list]:
-    total, parts = 0.0, []
-    for param, count in pbs_per_parameter.items():
-        cost = per_pbs_seconds(param_dict(param))
-        parts.append({"parameters": param_dict(param), "pbs": int(count), **cost})
-        total = None if total is None or cost["seconds"] is None else total + count * cost["seconds"]
-    return total, parts
-
-
 # ---------------------------------------------------------------- one config
 
 
 def bench_one(name: str, cfg: BenchConfig) -> dict:
     import data
-    import fhe_inference
-    import infer_vl
-    from fhe import CompileOptions, compile_checkpoint
+    from checkpoints import INITIAL_DEPLOYMENT
+    from deployment import FHEServer, classify, deploy_local
+    from fhe import CompileOptions, compile_checkpoint, evaluate, resolve_settings
 
     settings = dict(SETTINGS[name])
     model_name = settings.pop("model", name)
@@ -171,18 +78,19 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     images, labels = data.stack(data.dataset("test", cfg.data_dir, n=cfg.n_images))
     if Path(o.checkpoint).is_file():
         model, ckpt, qm, report = compile_checkpoint(o)
-        acc = infer_vl.evaluate(model, qm, images, labels)
+        acc = evaluate(model, qm, images, labels)
         top1 = {"torch_top1": acc["torch"]["top1"], "sim_top1": acc["simulate"]["top1"], "epochs_trained": ckpt.get("epoch")}
     else:
         # No trained checkpoint: the cost columns (PBS, bit widths, crypto parameters, keys,
         # time) do not need one; the accuracy columns do, and stay empty.
-        print(f"no {o.checkpoint}: costs from an untrained {name} model, no accuracy")
+        print(f"no {o.checkpoint}: costs from an untrained {name} model at the initial settings, no accuracy")
+        resolve_settings(o, {"deployment": INITIAL_DEPLOYMENT})
         model, qm, report = untrained_compiled(model_name, o)
         top1 = {"torch_top1": None, "sim_top1": None, "epochs_trained": 0}
-    estimate, parts = estimate_fhe_seconds(qm.fhe_circuit.statistics["programmable_bootstrap_count_per_parameter"])
+    estimate, parts = estimate_fhe_seconds(qm.fhe_circuit.statistics["programmable_bootstrap_count_per_parameter"], cache=False)
     row = {
         "config": name,
-        "settings": settings,
+        "settings": {**settings, **{k: getattr(o, k) for k in ("p_error", "global_p_error", "rounding_bits", "rounding_method")}},
         **top1,
         "n_images": len(labels),
         **{k: report[k] for k in ("pbs_count", "pbs_per_parameter", "max_bit_width", "key_sizes", "compile_seconds")},
@@ -191,9 +99,10 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     }
     if cfg.n_fhe and estimate is not None and estimate <= cfg.max_fhe_s:
         with tempfile.TemporaryDirectory() as tmp:
-            client, server, keygen_s = fhe_inference.deploy(qm, Path(tmp))
-            keys = fhe_inference.load_eval_keys(Path(tmp) / "server")
-            runs = [fhe_inference.classify(model, client, server, keys, images[i]) for i in range(cfg.n_fhe)]
+            client, server_dir, keygen_s = deploy_local(qm, model, tmp)
+            keys = FHEServer.load_keys(client.evaluation_keys())
+            server = FHEServer(server_dir)
+            runs = [classify(client, server, keys, images[i]) for i in range(cfg.n_fhe)]
         row["keygen_seconds"] = keygen_s
         row["fhe_s_measured"] = [t["server"] for _, t, _ in runs]
         row["fhe_s_median"] = float(np.median(row["fhe_s_measured"]))

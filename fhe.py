@@ -10,32 +10,34 @@ right, simulation and real FHE would fall to chance).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 import data
-from common import DEFAULT_CHECKPOINT, UserError, opt
+from checkpoints import DEFAULT_CHECKPOINT, deployment
+from cli import UserError, opt
 
 # Key generation above this many bytes of keys gets a warning before it starts; keygen
 # needs several times the key size in working memory (here an untrained circuit with
 # 12-bit lookups used 20 GB and never finished).
 KEYGEN_WARN_BYTES = 2 * 2**30
-# p_error used when neither --p-error nor --global-p-error is given: the value
-# p_error_search.py found for the shipped fast model (see the README).
-DEFAULT_P_ERROR = 0.078
+# Concrete ML's rounding_threshold_bits accepts 2 to 8 bits; 0 here means no rounding.
+ROUNDING_BITS = range(2, 9)
 
 
 @dataclass
 class CompileOptions:
-    """Options shared by the scripts that compile the encrypted part."""
+    """Options shared by the scripts that compile the encrypted part. p_error and rounding
+    default to the settings stored in the checkpoint (its `deployment` block); the scripts
+    fill them in (resolve_settings) so that every result file records what was used."""
 
     checkpoint: str = opt(DEFAULT_CHECKPOINT, "trained checkpoint (.pt) to compile")
-    p_error: float | None = opt(None, f"error probability of each PBS (when neither this nor --global-p-error is set: {DEFAULT_P_ERROR})")
+    p_error: float | None = opt(None, "error probability of each PBS (default: the checkpoint's deployed p_error)")
     global_p_error: float | None = opt(None, "error probability of the whole circuit (not with --p-error)")
-    rounding_bits: int | None = opt(6, "round accumulators to N bits before each table lookup (0: no rounding)")
-    rounding_method: str = opt("approximate", "Concrete ML rounding method", choices=["approximate", "exact"])
+    rounding_bits: int | None = opt(None, "round accumulators to N bits (2 to 8) before each table lookup; 0: no rounding (default: the checkpoint's deployed setting)")
+    rounding_method: str | None = opt(None, "Concrete ML rounding method (default: the checkpoint's deployed one)", choices=["approximate", "exact"])
     n_calib: int = opt(500, "calibration images: the first N training images")
     verbose: bool = opt(False, "print the Concrete optimizer's output")
     data_dir: str | None = opt(None, "CIFAR-10 location (default: $CIFAR10_DIR, else ./data)")
@@ -46,8 +48,6 @@ class CompileOptions:
 
 def compile_options(cfg, **overrides) -> CompileOptions:
     """The CompileOptions part of a script's config (a subclass), with some fields replaced."""
-    from dataclasses import fields
-
     return CompileOptions(**{f.name: overrides.get(f.name, getattr(cfg, f.name)) for f in fields(CompileOptions)})
 
 
@@ -58,10 +58,27 @@ def check_compile_options(o) -> None:
         v = getattr(o, name)
         if v is not None and not 0 < v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be in (0, 1), got {v}")
-    if o.rounding_bits is not None and not 0 <= o.rounding_bits <= 16:
-        raise UserError(f"--rounding-bits must be between 0 and 16, got {o.rounding_bits}")
+    if o.rounding_bits is not None and o.rounding_bits != 0 and o.rounding_bits not in ROUNDING_BITS:
+        raise UserError(f"--rounding-bits must be 0 (no rounding) or {ROUNDING_BITS.start} to {ROUNDING_BITS.stop - 1} (what Concrete ML accepts), got {o.rounding_bits}")
     if o.n_calib < 1:
         raise UserError("--n-calib must be >= 1")
+
+
+def resolve_settings(o, ckpt: dict, p_error: bool = True) -> dict:
+    """Fill the unset p_error (unless p_error=False) and rounding fields of `o` (in place)
+    from the checkpoint's deployed settings, so that the config every result file records is
+    the one compiled. Returns the effective settings."""
+    given = o.p_error is not None or o.global_p_error is not None or not p_error
+    if not given or o.rounding_bits is None or o.rounding_method is None:
+        d = deployment(ckpt, o.checkpoint)
+        if not given:
+            o.p_error = float(d["p_error"])
+        if o.rounding_bits is None:
+            o.rounding_bits = int(d["rounding_bits"])
+        if o.rounding_method is None:
+            o.rounding_method = d["rounding_method"]
+    check_compile_options(o)
+    return {k: getattr(o, k) for k in ("p_error", "global_p_error", "rounding_bits", "rounding_method")}
 
 
 def to_concrete(x) -> np.ndarray:
@@ -71,12 +88,34 @@ def to_concrete(x) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def batched(fn, x, batch: int, desc: str | None = None) -> np.ndarray:
+    """fn over x in batches of `batch` rows, concatenated (a progress bar when desc is given)."""
+    starts = range(0, len(x), batch)
+    if desc:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=desc, leave=False)
+    return np.concatenate([np.asarray(fn(x[i : i + batch])) for i in starts])
+
+
+def torch_logits(model, images, batch: int = 500) -> np.ndarray:
+    """Logits of the full model (clear then encrypted part, float, fake-quantized)."""
+    model.eval()
+    with torch.no_grad():
+        return batched(lambda x: model(x).numpy(), images, batch)
+
+
 def clear_features(model, images: torch.Tensor, batch: int = 500) -> np.ndarray:
     """Run the clear part (client side) on (N, 3, 32, 32) images -> C-contiguous (N, C, H, W)."""
     model.eval()
     with torch.no_grad():
-        out = [model.clear(images[i : i + batch]) for i in range(0, len(images), batch)]
-    return to_concrete(torch.cat(out))
+        return to_concrete(batched(lambda x: model.clear(x).numpy(), images, batch))
+
+
+def quantized_logits(qm, feats: np.ndarray, fhe: str, batch: int = 250, desc: str | None = None) -> np.ndarray:
+    """The compiled encrypted part on clear-part outputs: fhe="disable" (integers in the
+    clear, no noise) or "simulate" (with the PBS errors p_error allows). A fresh draw each call."""
+    return batched(lambda x: qm.forward(to_concrete(x), fhe=fhe), feats, batch, desc)
 
 
 def calibration_set(model, o: CompileOptions) -> np.ndarray:
@@ -95,13 +134,14 @@ def compile_model(model, calib: np.ndarray, o: CompileOptions):
     """compile_brevitas_qat_model on the encrypted part; Concrete failures become one message."""
     from concrete.ml.torch.compile import compile_brevitas_qat_model
 
-    p_error = o.p_error if (o.p_error is not None or o.global_p_error is not None) else DEFAULT_P_ERROR
+    if o.p_error is None and o.global_p_error is None or o.rounding_bits is None:
+        raise ValueError("compile_model needs resolved settings (fhe.resolve_settings)")
     try:
         return compile_brevitas_qat_model(
             model.encrypted,
             to_concrete(calib),
             rounding_threshold_bits=rounding_arg(o),
-            p_error=p_error if o.global_p_error is None else None,
+            p_error=o.p_error,
             global_p_error=o.global_p_error,
             verbose=o.verbose,
         )
@@ -126,18 +166,16 @@ def explain_compile_error(e: Exception, o) -> str:
     return f"compilation failed: {text}"
 
 
-def keygen(qm, force: bool = True) -> float:
-    """Generate keys after a size check; returns seconds."""
+def warn_if_large_keys(qm) -> None:
+    """Print a warning before a key generation that may not fit in memory."""
     key_bytes = key_sizes(qm)["total_bytes"]
     if key_bytes > KEYGEN_WARN_BYTES:
         print(
             f"warning: keys for this circuit take {key_bytes / 2**30:.1f} GiB and keygen needs "
             f"several times that in memory (max bit width {qm.fhe_circuit.graph.maximum_integer_bit_width()}); "
-            f"lower --rounding-bits or raise --p-error to shrink them"
+            f"lower --rounding-bits or raise --p-error to shrink them",
+            flush=True,
         )
-    t0 = time.perf_counter()
-    qm.fhe_circuit.keygen(force=force)
-    return time.perf_counter() - t0
 
 
 def key_sizes(qm) -> dict:
@@ -182,15 +220,41 @@ def print_report(r: dict) -> None:
         print(f"compile {r['compile_seconds']:.1f} s" + (f", keygen {r['keygen_seconds']:.1f} s" if r.get("keygen_seconds") is not None else ""))
 
 
-def compile_checkpoint(o: CompileOptions, do_keygen: bool = False):
-    """Load a checkpoint, build its calibration set, compile (and optionally keygen).
+def compile_checkpoint(o: CompileOptions):
+    """Load a checkpoint, fill o's unset FHE settings from it (in place), build the
+    calibration set, compile.
     Returns (model, checkpoint, quantized module, cost report)."""
-    from common import load_checkpoint
+    from checkpoints import load_checkpoint
 
     model, ckpt = load_checkpoint(o.checkpoint)
+    settings = resolve_settings(o, ckpt)
     calib = calibration_set(model, o)
     t0 = time.perf_counter()
     qm = compile_model(model, calib, o)
     compile_s = time.perf_counter() - t0
-    keygen_s = keygen(qm) if do_keygen else None
-    return model, ckpt, qm, cost_report(qm, compile_s, keygen_s)
+    return model, ckpt, qm, {**cost_report(qm, compile_s), "settings": settings}
+
+
+def evaluate(model, qm, images, labels, batch: int = 200, repeats: int = 1) -> dict:
+    from metrics import paired_difference, spread, topk_accuracy
+
+    """Top-k of torch, fhe="disable" and `repeats` draws of fhe="simulate" on the same images;
+    the clear layer runs once. "simulate" holds the first draw, "simulate_spread" all of them."""
+    feats = clear_features(model, images)
+    t_logits = torch_logits(model, images)
+    draws = [quantized_logits(qm, feats, "simulate", batch, f"simulate {k + 1}/{repeats}") for k in range(repeats)]
+    acc = {
+        "torch": topk_accuracy(t_logits, labels),
+        "disable": topk_accuracy(quantized_logits(qm, feats, "disable", batch, "disable"), labels),
+        "simulate": topk_accuracy(draws[0], labels),
+    }
+    per_draw = [topk_accuracy(d, labels) for d in draws]
+    acc["simulate_spread"] = {k: spread([a[k] for a in per_draw]) for k in per_draw[0]}
+    t_pred = t_logits.argmax(1)
+    acc["sim_vs_torch_agreement"] = float(np.mean([(d.argmax(1) == t_pred).mean() for d in draws]))
+    diffs = [paired_difference(d.argmax(1), t_pred, labels) for d in draws]
+    acc["sim_minus_torch_top1"] = {"diff": float(np.mean([d["diff"] for d in diffs])), "standard_error": diffs[0]["standard_error"],
+                                   "per_draw": [d["diff"] for d in diffs]}
+    if repeats > 1:
+        acc["sim_vs_sim_agreement"] = float((draws[0].argmax(1) == draws[1].argmax(1)).mean())
+    return acc

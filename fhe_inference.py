@@ -1,38 +1,49 @@
-"""Real FHE inference with a client / server split, timed stage by stage.
+"""Real FHE inference with a client / server split, timed stage by stage, on one or many workers.
 
-    python fhe_inference.py --checkpoint checkpoints/fast.pt --n-images 10
+    python fhe_inference.py --n-images 10                      # one server in this process
+    python fhe_inference.py --n-images 1000 --workers 2 --threads-per-worker 1 --yes
+    python fhe_inference.py --n-images 1000 --scheduler tcp://HOST:8786   # an existing Dask cluster
 
-Client: clear layer -> quantize -> encrypt -> serialize  ==>  server: FHE run  ==>
-client: decrypt -> dequantize -> argmax. The server's directory holds the compiled model
-and the evaluation keys only; the secret key never leaves the client's directory.
+This process is the client: it generates the keys, runs the clear layer, encrypts and later
+decrypts. The servers (this process, or Dask workers) get server.zip and the evaluation keys
+once, then only ciphertext bytes per image; the secret key never leaves <out-dir>/client.
 
-Writes <out-dir>/predictions.csv (one row per image: label, torch / simulated / FHE
-predictions and logits side by side, per-stage seconds) and <out-dir>/metadata.json
-(model and compile config, p_error, rounding, versions, CPU). A rerun with the same
-settings skips the images already in the CSV.
+Writes <out-dir>/predictions.csv (one row per image as it completes, in any order: label,
+torch / two simulations / FHE predictions and logits, per-stage seconds) and
+<out-dir>/metadata.json (command, effective FHE settings, costs, versions, CPU, and the
+statistics of all rows so far). A rerun with the same settings skips the images already in
+the CSV. Before any key generation it prints the estimated FHE time and stops unless --yes
+when the run would take more than an hour.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import csv
-import shutil
-import tempfile
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import data
-from common import UserError, opt, parse_config, provenance, run_main, write_json
-from common import torch_logits as torch_logits_of
-from fhe import CompileOptions, clear_features, compile_checkpoint, print_report
+from checkpoints import read_checkpoint
+from cli import UserError, check_output_dir, opt, parse_config, run_main
+from deployment import STAGES, deploy_local
+from fhe import CompileOptions, compile_checkpoint, print_report, resolve_settings
+from metrics import paired_difference, proportion_ci
+from parallel import fhe_servers
+from pbs_cost import estimate_fhe_seconds
+from provenance import provenance, write_json
 
-STAGES = ("clear", "quantize", "encrypt", "serialize", "server", "decrypt", "dequantize")
-COLUMNS = ["index", "label", "torch_pred", "sim_pred", "fhe_pred", *[f"{s}_s" for s in STAGES], "input_bytes", "torch_logits", "sim_logits", "fhe_logits"]
+COLUMNS = ["index", "label", "torch_pred", "sim_pred", "sim2_pred", "fhe_pred", *[f"{s}_s" for s in STAGES], "input_bytes",
+           "torch_logits", "sim_logits", "fhe_logits"]
 # settings that must match for a rerun to append to an existing CSV
 RESUME_KEYS = ("checkpoint", "p_error", "global_p_error", "rounding_bits", "rounding_method", "n_calib")
+CONFIRM_ABOVE_S = 3600  # a run estimated longer than this needs --yes
 
 
 @dataclass
@@ -40,80 +51,36 @@ class FHEConfig(CompileOptions):
     n_images: int = opt(1, "number of test images to classify under FHE")
     start: int = opt(0, "index of the first test image")
     out_dir: str = opt("runs/fhe", "where predictions.csv, metadata.json, client/ and server/ go")
+    workers: int = opt(0, "Dask worker processes on this machine (0: one server in this process)")
+    threads_per_worker: int = opt(1, "Concrete runtime threads per Dask worker (OMP_NUM_THREADS)")
+    scheduler: str | None = opt(None, "address of an existing Dask scheduler to use instead of local workers (tcp://host:8786)")
+    yes: bool = opt(False, "run even when the estimated time is above an hour")
 
     def __post_init__(self):
         super().__post_init__()
         if self.n_images < 1 or self.start < 0:
             raise UserError("--n-images must be >= 1 and --start >= 0")
-
-
-def deploy(qm, out_dir: Path):
-    """Save the compiled model with FHEModelDev, then give the client and the server their parts."""
-    from concrete.ml.deployment import FHEModelClient, FHEModelDev, FHEModelServer
-
-    client_dir, server_dir = out_dir / "client", out_dir / "server"
-    for d in (client_dir, server_dir):
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        FHEModelDev(tmp, qm).save()
-        shutil.copy(Path(tmp) / "client.zip", client_dir / "client.zip")
-        shutil.copy(Path(tmp) / "server.zip", server_dir / "server.zip")
-    client = FHEModelClient(str(client_dir), key_dir=str(client_dir / "keys"))
-    t0 = time.perf_counter()
-    client.generate_private_and_evaluation_keys(force=True)
-    keygen_s = time.perf_counter() - t0
-    # the "upload": the server receives the evaluation keys as bytes, nothing else
-    (server_dir / "evaluation_keys.bin").write_bytes(client.get_serialized_evaluation_keys())
-    server = FHEModelServer(str(server_dir))
-    server.load()
-    return client, server, keygen_s
-
-
-def load_eval_keys(server_dir: Path):
-    from concrete import fhe
-
-    return fhe.EvaluationKeys.deserialize((server_dir / "evaluation_keys.bin").read_bytes())
-
-
-def classify(model, client, server, eval_keys, image) -> tuple[np.ndarray, dict, int]:
-    """One image (3, 32, 32) through the whole client -> server -> client path."""
-    t = {}
-    t0 = time.perf_counter()
-    feats = clear_features(model, image[None])  # (1, C, H, W), C-contiguous
-    t["clear"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    q = np.ascontiguousarray(client.model.quantize_input(feats))
-    t["quantize"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    enc = client.client.encrypt(q)
-    t["encrypt"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    payload = enc.serialize()
-    t["serialize"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = server.run(payload, eval_keys)  # bytes in, bytes out: what would cross the network
-    t["server"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    q_out = client.deserialize_decrypt(result)
-    t["decrypt"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    logits = client.model.post_processing(client.model.dequantize_output(q_out))
-    t["dequantize"] = time.perf_counter() - t0
-    return np.asarray(logits).reshape(-1), t, len(payload)
+        if self.workers < 0 or self.threads_per_worker < 1:
+            raise UserError("--workers must be >= 0 and --threads-per-worker >= 1")
+        if self.scheduler and self.workers:
+            raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
+        check_output_dir(self.out_dir, "--out-dir")
 
 
 def read_done(csv_path: Path) -> list[dict]:
     if not csv_path.exists():
         return []
     with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("fhe_logits")]  # a cut-off last line is dropped
-    return rows
+        return [r for r in csv.DictReader(f) if r.get("fhe_logits")]  # a cut-off last line is dropped
 
 
 def check_resume(meta_path: Path, cfg: FHEConfig) -> None:
-    import json
-
+    csv_path = meta_path.parent / "predictions.csv"
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header and header != COLUMNS:
+            raise UserError(f"{csv_path} has other columns (an older version of this script): choose another --out-dir")
     if not meta_path.exists():
         return
     old = json.loads(meta_path.read_text())["config"]
@@ -127,25 +94,67 @@ def fmt(v: np.ndarray) -> str:
 
 
 def summarize(rows: list[dict]) -> dict:
-    label = np.array([int(r["label"]) for r in rows])
-    fhe = np.array([int(r["fhe_pred"]) for r in rows])
-    sim = np.array([int(r["sim_pred"]) for r in rows])
-    torch_ = np.array([int(r["torch_pred"]) for r in rows])
+    """FHE top-1 with its 95 % interval, the paired differences with simulation and torch,
+    and FHE-vs-simulation agreement beside the agreement of two independent simulations."""
+    col = lambda name: np.array([int(r[name]) for r in rows])  # noqa: E731
+    label, fhe, sim, torch_ = col("label"), col("fhe_pred"), col("sim_pred"), col("torch_pred")
     server = np.array([float(r["server_s"]) for r in rows])
-    return {
+    n_right = int((fhe == label).sum())
+    out = {
         "n_images": len(rows),
-        "fhe_top1": float((fhe == label).mean()),
+        "fhe_top1": n_right / len(rows),
+        "fhe_top1_ci95": proportion_ci(n_right, len(rows)),
         "sim_top1": float((sim == label).mean()),
         "torch_top1": float((torch_ == label).mean()),
+        "fhe_minus_sim": paired_difference(fhe, sim, label),
+        "fhe_minus_torch": paired_difference(fhe, torch_, label),
         "fhe_sim_agreement": float((fhe == sim).mean()),
         "fhe_torch_agreement": float((fhe == torch_).mean()),
         "server_s_median": float(np.median(server)),
+        "server_s_p10_p90": [float(np.percentile(server, 10)), float(np.percentile(server, 90))],
         "stage_s_median": {s: float(np.median([float(r[f"{s}_s"]) for r in rows])) for s in STAGES},
     }
+    with_sim2 = [r for r in rows if r.get("sim2_pred") not in (None, "")]
+    if with_sim2:  # rows of older runs have no second simulation
+        out["sim_sim_agreement"] = float(np.mean([r["sim_pred"] == r["sim2_pred"] for r in with_sim2]))
+        out["sim_sim_images"] = len(with_sim2)
+    return out
+
+
+def print_summary(s: dict) -> None:
+    lo, hi = s["fhe_top1_ci95"]
+    d_sim, d_torch = s["fhe_minus_sim"], s["fhe_minus_torch"]
+    se = lambda d: f" +- {100 * d['standard_error']:.2f}" if d["standard_error"] is not None else ""  # noqa: E731
+    print(f"{s['n_images']} images: FHE top-1 {s['fhe_top1']:.4f} (95 % CI {lo:.4f}-{hi:.4f}), "
+          f"simulation {s['sim_top1']:.4f}, torch {s['torch_top1']:.4f}")
+    print(f"FHE - simulation {100 * d_sim['diff']:+.2f}{se(d_sim)} points, FHE - torch {100 * d_torch['diff']:+.2f}{se(d_torch)} points (paired standard errors)")
+    print(f"agreement: FHE = simulation on {s['fhe_sim_agreement']:.1%} of images"
+          + (f", two simulations agree on {s['sim_sim_agreement']:.1%}" if "sim_sim_agreement" in s else "")
+          + f", FHE = torch on {s['fhe_torch_agreement']:.1%}")
+    p10, p90 = s["server_s_p10_p90"]
+    print(f"server seconds per image: median {s['server_s_median']:.2f} (10th-90th percentile {p10:.2f}-{p90:.2f})")
+    print("median seconds per stage: " + ", ".join(f"{k} {v:.4f}" for k, v in s["stage_s_median"].items()))
+
+
+def check_estimate(report: dict, n_todo: int, cfg: FHEConfig) -> dict:
+    """Print the estimated FHE time before any key generation; refuse a run of more than an
+    hour without --yes."""
+    per_image, parts = estimate_fhe_seconds(report["pbs_per_parameter"])
+    parallel = max(1, cfg.workers)
+    if per_image is None:
+        print("estimated FHE time: not available for these crypto parameters (see benchmark.py)")
+        return {"per_image_s": None}
+    total = per_image * n_todo / parallel
+    print(f"estimated FHE time: {per_image:.1f} s per image on this machine ({report['pbs_count']:,} PBS), "
+          f"{total / 3600:.2f} h for {n_todo} images on {parallel} server(s)", flush=True)
+    if total > CONFIRM_ABOVE_S and not cfg.yes and n_todo:
+        raise UserError(f"this run is estimated at {total / 3600:.1f} h: pass --yes to run it (or fewer --n-images)")
+    return {"per_image_s": per_image, "run_s": total, "parts": parts}
 
 
 def main(argv=None) -> dict:
     cfg = parse_config(FHEConfig, argv, __doc__.split("\n")[0])
+    resolve_settings(cfg, read_checkpoint(cfg.checkpoint))  # the effective settings, recorded and compared
     print("config:", asdict(cfg))
     out = Path(cfg.out_dir)
     csv_path, meta_path = out / "predictions.csv", out / "metadata.json"
@@ -156,45 +165,62 @@ def main(argv=None) -> dict:
     print(f"{len(done)} images already in {csv_path}, {len(todo)} to run")
 
     model, ckpt, qm, report = compile_checkpoint(cfg)
-    client, server, keygen_s = deploy(qm, out)
-    report["keygen_seconds"] = keygen_s
     print_report(report)
-    t0 = time.perf_counter()
-    eval_keys = load_eval_keys(out / "server")
-    report["server_key_load_seconds"] = time.perf_counter() - t0
+    report["estimate"] = check_estimate(report, len(todo), cfg)
+    client, server_dir, keygen_s = deploy_local(qm, model, out)
+    report["keygen_seconds"] = keygen_s
+    print(f"keygen {keygen_s:.1f} s")
     meta = {**provenance(cfg), "model_config": ckpt["model_config"], "cost": report, "dataset": test.arrays.source}
     write_json(meta_path, meta)
 
-    new_file = not csv_path.exists() or not read_done(csv_path)
-    with open(csv_path, "a" if not new_file else "w", newline="") as f:
+    new_file = not read_done(csv_path)
+    eval_keys = client.evaluation_keys()
+    with open(csv_path, "w" if new_file else "a", newline="") as f, \
+            fhe_servers(server_dir, eval_keys, cfg.workers, cfg.threads_per_worker, cfg.scheduler) as submit:
         writer = csv.DictWriter(f, COLUMNS)
         if new_file:
             writer.writeheader()
-        print(f"{'image':>6} {'label':>5} {'torch':>5} {'sim':>5} {'fhe':>5} {'server s':>9}")
-        for i in tqdm(todo, desc="FHE images", leave=False):
-            image, label = test[i]
-            fhe_logits, t, nbytes = classify(model, client, server, eval_keys, image)
-            feats = clear_features(model, image[None])
-            sim_logits = qm.forward(feats, fhe="simulate").reshape(-1)
-            torch_logits = torch_logits_of(model, image[None]).reshape(-1)
-            row = {"index": int(test.indices[i]), "label": label, "torch_pred": int(torch_logits.argmax()),
-                   "sim_pred": int(sim_logits.argmax()), "fhe_pred": int(fhe_logits.argmax()),
-                   **{f"{s}_s": f"{t[s]:.4f}" for s in STAGES}, "input_bytes": nbytes,
-                   "torch_logits": fmt(torch_logits), "sim_logits": fmt(sim_logits), "fhe_logits": fmt(fhe_logits)}
-            writer.writerow(row)
-            f.flush()
-            tqdm.write(f"{row['index']:>6} {label:>5} {row['torch_pred']:>5} {row['sim_pred']:>5} {row['fhe_pred']:>5} {t['server']:9.2f}")
+        run_images(test, todo, client, qm, model, submit, writer, f, in_flight=2 * max(1, cfg.workers) if not cfg.scheduler else 64)
 
     summary = summarize(read_done(csv_path))
     meta["summary"] = summary
     write_json(meta_path, meta)
-    print(
-        f"{summary['n_images']} images: FHE top-1 {summary['fhe_top1']:.4f}, simulation {summary['sim_top1']:.4f}, "
-        f"torch {summary['torch_top1']:.4f}; FHE = simulation on {summary['fhe_sim_agreement']:.1%} of images; "
-        f"median server time {summary['server_s_median']:.2f} s"
-    )
-    print("median seconds per stage: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["stage_s_median"].items()))
+    print_summary(summary)
     return summary
+
+
+def run_images(test, todo, client, qm, model, submit, writer, f, in_flight: int) -> None:
+    """Encrypt and submit images (at most `in_flight` waiting at once); write each row as its
+    result comes back, in whatever order, flushed."""
+    print(f"{'image':>6} {'label':>5} {'torch':>5} {'sim':>5} {'fhe':>5} {'server s':>9}")
+    bar = tqdm(total=len(todo), desc="FHE images", unit="img", leave=False)
+    t_start, pending, queue = time.perf_counter(), {}, list(todo)
+    while queue or pending:
+        while queue and len(pending) < in_flight:
+            i = queue.pop(0)
+            image, label = test[i]
+            times: dict = {}
+            payload, feats = client.encrypt(image, times)
+            with torch.no_grad():
+                torch_logits = model.encrypted(torch.from_numpy(feats)).numpy().reshape(-1)
+            sims = [qm.forward(feats, fhe="simulate").reshape(-1) for _ in range(2)]  # two independent draws
+            row = {"index": int(test.indices[i]), "label": label, "torch_pred": int(torch_logits.argmax()),
+                   "sim_pred": int(sims[0].argmax()), "sim2_pred": int(sims[1].argmax()), "input_bytes": len(payload),
+                   "torch_logits": fmt(torch_logits), "sim_logits": fmt(sims[0])}
+            pending[submit(payload)] = (row, times)
+        finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+        for fut in finished:
+            row, times = pending.pop(fut)
+            result, times["server"] = fut.result()
+            fhe_logits = client.decrypt(result, times)
+            row.update({"fhe_pred": int(fhe_logits.argmax()), "fhe_logits": fmt(fhe_logits), **{f"{s}_s": f"{times[s]:.4f}" for s in STAGES}})
+            writer.writerow(row)
+            f.flush()
+            bar.update()
+            rate = bar.n / (time.perf_counter() - t_start) * 3600
+            bar.set_postfix_str(f"{rate:.0f} img/h")
+            tqdm.write(f"{row['index']:>6} {row['label']:>5} {row['torch_pred']:>5} {row['sim_pred']:>5} {row['fhe_pred']:>5} {times['server']:9.2f}")
+    bar.close()
 
 
 if __name__ == "__main__":

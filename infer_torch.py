@@ -8,7 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import data
-from common import DEFAULT_CHECKPOINT, UserError, format_topk, load_checkpoint, opt, parse_config, provenance, run_main, topk_accuracy, torch_logits, write_json
+from checkpoints import DEFAULT_CHECKPOINT, load_checkpoint
+from cli import UserError, check_output_file, opt, parse_config, run_main
+from fhe import torch_logits
+from metrics import format_topk, topk_accuracy
+from provenance import provenance, write_json
 
 
 @dataclass
@@ -21,6 +25,8 @@ class TorchInferConfig:
     def __post_init__(self):
         if self.n_images is not None and self.n_images < 1:
             raise UserError("--n-images must be >= 1")
+        if self.json:
+            check_output_file(self.json, "--json")
 
 
 def main(argv=None) -> dict:

@@ -26,8 +26,11 @@ import numpy as np
 from tqdm import tqdm
 
 import data
-from common import UserError, atomic_write, load_checkpoint, opt, parse_config, provenance, run_main, topk_accuracy, write_json
-from fhe import CompileOptions, calibration_set, clear_features, compile_model, compile_options
+from checkpoints import load_checkpoint, write_deployment
+from cli import UserError, check_output_file, opt, parse_config, run_main
+from fhe import CompileOptions, calibration_set, clear_features, compile_model, compile_options, quantized_logits, resolve_settings
+from metrics import topk_accuracy
+from provenance import atomic_write, provenance, write_json
 
 
 @dataclass
@@ -40,6 +43,7 @@ class SearchConfig(CompileOptions):
     n_sim: int = opt(3, "simulations averaged at each candidate p_error (simulation is random)")
     n_validation: int = opt(40, "simulations at the value found, to measure the spread")
     json: str = opt("runs/p_error_search.json", "result file (a .png plot is written beside it)")
+    write: bool = opt(False, "store the p_error found, with these rounding settings, in the checkpoint as its deployed setting")
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,11 +53,13 @@ class SearchConfig(CompileOptions):
             raise UserError("need 0 < --lower < --upper < 1")
         if min(self.n_images, self.max_iter, self.n_sim) < 1 or self.n_validation < 0 or self.tolerance < 0:
             raise UserError("--n-images, --max-iter and --n-sim must be >= 1, --n-validation and --tolerance >= 0")
+        check_output_file(self.json, "--json")
+        if self.write:
+            check_output_file(self.checkpoint, "--checkpoint")
 
 
-def simulate_top1(qm, feats, labels, fhe: str = "simulate", batch: int = 250) -> float:
-    logits = np.concatenate([qm.forward(np.ascontiguousarray(feats[i : i + batch]), fhe=fhe) for i in range(0, len(feats), batch)])
-    return topk_accuracy(logits, labels, ks=(1,))["top1"]
+def simulate_top1(qm, feats, labels, fhe: str = "simulate") -> float:
+    return topk_accuracy(quantized_logits(qm, feats, fhe), labels, ks=(1,))["top1"]
 
 
 def bisect_log(accuracy_at, reference: float, tolerance: float, lower: float, upper: float, max_iter: int):
@@ -104,6 +110,7 @@ def main(argv=None) -> dict:
     cfg = parse_config(SearchConfig, argv, __doc__.split("\n")[0])
     print("config:", asdict(cfg))
     model, ckpt = load_checkpoint(cfg.checkpoint)
+    resolve_settings(cfg, ckpt, p_error=False)  # p_error is searched; rounding from the checkpoint unless given
     calib = calibration_set(model, cfg)
     images, labels = data.stack(data.dataset("train", cfg.data_dir, n=cfg.n_images))
     feats = clear_features(model, images)
@@ -146,6 +153,9 @@ def main(argv=None) -> dict:
     write_json(cfg.json, result)
     plot(trace, reference, cfg.tolerance, chosen, Path(cfg.json).with_suffix(".png"))
     print(f"wrote {cfg.json} and {Path(cfg.json).with_suffix('.png')}")
+    if cfg.write:
+        stored = write_deployment(cfg.checkpoint, p_error=chosen, rounding_bits=cfg.rounding_bits, rounding_method=cfg.rounding_method, source=cfg.json)
+        print(f"stored in {cfg.checkpoint} as its deployed setting: {stored}")
     return result
 
 

@@ -21,7 +21,9 @@ from torch import nn
 from tqdm import tqdm
 
 import data
-from common import UserError, atomic_write, opt, parse_config, run_main, save_checkpoint, versions
+from checkpoints import INITIAL_DEPLOYMENT, save_checkpoint
+from cli import UserError, check_output_file, opt, parse_config, run_main
+from provenance import atomic_write, versions
 from models import CONFIGS, SplitNet
 from pruning import accumulator_bits, apply_pruning, load_pruned_state, pruned_state
 
@@ -49,10 +51,28 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
         self.out = self.out or f"checkpoints/{self.model}.pt"
+        check_output_file(self.out, "--out")
+        check_output_file(state_path(self.out), "--out")
 
 
 def state_path(out: str) -> Path:
     return Path(out).with_suffix(".state.pt")
+
+
+STATE_KEYS = ("model", "optimizer", "scheduler", "rng", "loader_rng", "epoch", "history", "train_config")
+
+
+def read_state(path: Path) -> dict:
+    """The training state for --resume, or one clear UserError if it is damaged."""
+    try:
+        st = torch.load(path, map_location="cpu")
+    except Exception as e:  # a truncated file: zip / pickle / runtime errors from torch
+        raise UserError(f"--resume: cannot read the training state {path} ({type(e).__name__}); "
+                        f"delete it to start again, or restore it") from None
+    missing = [k for k in STATE_KEYS if not isinstance(st, dict) or k not in st]
+    if missing:
+        raise UserError(f"--resume: {path} is not a training state of this project (missing {', '.join(missing)})")
+    return st
 
 
 def evaluate(model: nn.Module, loader, desc: str = "eval") -> float:
@@ -79,7 +99,7 @@ def train(cfg: TrainConfig) -> dict:
         sp = state_path(cfg.out)
         if not sp.is_file():
             raise UserError(f"--resume: no training state at {sp}")
-        resume_state = torch.load(sp, map_location="cpu")
+        resume_state = read_state(sp)
         if resume_state["train_config"]["model"] != cfg.model:
             raise UserError(f"--resume: {sp} trains model {resume_state['train_config']['model']!r}, not {cfg.model!r}")
         load_pruned_state(model, resume_state["model"])
@@ -146,7 +166,8 @@ def train(cfg: TrainConfig) -> dict:
         print(f"{row['epoch']:>5} {row['loss']:7.4f} {row['train_acc']:6.4f} {row['val_acc']:6.4f} {row['lr']:9.2e} {row['seconds']:6.1f}", flush=True)
         acc = accumulator_bits(model)
         save_checkpoint(
-            cfg.out, model, train_config=asdict(cfg), epoch=epoch + 1, metrics=row, history=history, accumulators=acc
+            cfg.out, model, train_config=asdict(cfg), epoch=epoch + 1, metrics=row, history=history, accumulators=acc,
+            deployment=dict(INITIAL_DEPLOYMENT),
         )
         st = {
             "model": pruned_state(model),  # weights and pruning masks, to resume exactly

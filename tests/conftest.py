@@ -4,6 +4,7 @@ shared CIFAR-10 copy when this machine has it."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import sys
 import tarfile
@@ -25,6 +26,27 @@ N_PER_CLASS = {"train": 6, "test": 2}
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long runs (real FHE on bigger circuits, full-split evaluations)")
     config.addinivalue_line("markers", "dataset: needs ../shared/datasets/cifar10")
+
+
+_status = {}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    _status["exit"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Exit with pytest's own status. Once a test has run a Concrete circuit, concrete-python
+    2.10's runtime ends the process with status 0 whatever pytest returns, so a failing
+    suite would look green; os._exit skips that exit handler. This is the last hook, after
+    the summary is printed and every plugin has finished (cli.hard_exit does the same for
+    the scripts)."""
+    if "exit" in _status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_status["exit"])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -113,4 +135,7 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-needs_dataset = pytest.mark.skipif(not SHARED.exists(), reason="../shared/datasets/cifar10 not present")
+def needs_dataset(fn):
+    """A test on the shared CIFAR-10 copy: marked `dataset` (its own tier in `make test`),
+    skipped where the copy is absent."""
+    return pytest.mark.dataset(pytest.mark.skipif(not SHARED.exists(), reason="../shared/datasets/cifar10 not present")(fn))

@@ -1,6 +1,12 @@
-"""Every command line rejects bad arguments with a message and a non-zero exit."""
+"""Every command line rejects bad arguments with one message and status 2 before any work,
+and keeps its exit status after Concrete has run a circuit."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import textwrap
 
 import pytest
 
@@ -10,16 +16,16 @@ import infer_torch
 import infer_vl
 import p_error_search
 import train
-from common import run_main
+from cli import exit_status
+from conftest import ROOT
 
 SCRIPTS = [train, infer_torch, infer_vl, fhe_inference, p_error_search, benchmark]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
 def test_unknown_option_is_rejected(script, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_main(script.main, ["--no-such-option", "1"])
-    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    assert exit_status(script.main, ["--no-such-option", "1"]) == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
@@ -31,25 +37,103 @@ def test_help_explains_every_option(script, capsys):
     assert "--data-dir" in out and "default" in out
 
 
-@pytest.mark.parametrize(
-    "script,args,message",
-    [
+@pytest.fixture(scope="module")
+def a_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("f") / "plain_file"
+    f.write_text("x")
+    return f
+
+
+def bad_cases(a_file, tmp_path):
+    state = tmp_path / "t.state.pt"
+    state.write_bytes(b"PK\x03\x04 truncated")
+    return [
         (train, ["--epochs", "two"], "invalid int value"),
         (train, ["--epochs", "0"], "--epochs"),
         (train, ["--model", "resnet"], "invalid choice"),
+        (train, ["--out", f"{a_file}/m.pt"], "is a file, not a folder"),
+        (train, ["--model", "tiny", "--out", str(tmp_path / "t.pt"), "--resume"], "cannot read the training state"),
         (infer_torch, ["--n-images", "0"], "--n-images"),
         (infer_torch, ["--checkpoint", "/nonexistent.pt"], "not found"),
+        (infer_torch, ["--json", f"{a_file}/r.json"], "is a file, not a folder"),
         (infer_vl, ["--p-error", "0.1", "--global-p-error", "0.1"], "not both"),
         (infer_vl, ["--p-error", "2"], "(0, 1)"),
         (infer_vl, ["--rounding-method", "floor"], "invalid choice"),
+        (infer_vl, ["--rounding-bits", "1"], "--rounding-bits must be 0"),
+        (infer_vl, ["--rounding-bits", "9"], "--rounding-bits must be 0"),
+        (infer_vl, ["--json", f"{a_file}/r.json"], "is a file, not a folder"),
+        (infer_vl, ["--repeats", "0"], "--repeats"),
         (fhe_inference, ["--n-images", "-3"], "--n-images"),
+        (fhe_inference, ["--out-dir", str(a_file)], "is a file, not a folder"),
+        (fhe_inference, ["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "not both"),
         (p_error_search, ["--p-error", "0.01"], "searches p_error"),
         (p_error_search, ["--lower", "0.5", "--upper", "0.1"], "--lower"),
+        (p_error_search, ["--json", f"{a_file}/r.json"], "is a file, not a folder"),
         (benchmark, ["--configs", "resnet"], "unknown config"),
-    ],
-)
-def test_bad_values_are_rejected(script, args, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        run_main(script.main, args)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    ]
+
+
+def test_bad_values_are_rejected_before_any_work(a_file, tmp_path, capsys, monkeypatch):
+    """Each case ends in one `error:` line and status 2; none gets as far as loading data or
+    a model (the loader is made to fail loudly if it is reached)."""
+    import data
+
+    monkeypatch.setattr(data, "load_split", lambda *a, **k: pytest.fail("work started before validation"))
+    for script, args, message in bad_cases(a_file, tmp_path):
+        status = exit_status(script.main, args)
+        err = capsys.readouterr().err
+        assert status == 2, (script.__name__, args, err)
+        assert message in err, (script.__name__, args, err)
+        assert "Traceback" not in err
+
+
+def test_resume_state_from_another_project_is_refused(tmp_path, capsys):
+    import torch
+
+    torch.save({"epoch": 1}, tmp_path / "t.state.pt")
+    assert exit_status(train.main, ["--model", "tiny", "--out", str(tmp_path / "t.pt"), "--resume"]) == 2
+    assert "not a training state" in capsys.readouterr().err
+
+
+def run_python(code: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+CIRCUIT = """
+    from concrete import fhe
+    circuit = fhe.Compiler(lambda x: x + 1, {"x": "encrypted"}).compile(range(8), fhe.Configuration(fhe_simulation=True))
+    assert circuit.simulate(1) == 2
+"""
+
+
+@pytest.mark.parametrize("error,status", [("UserError('bad input')", 2), ("RuntimeError('boom')", 1), ("SystemExit(3)", 3)])
+def test_a_script_keeps_its_status_after_a_simulation(error, status):
+    """Concrete's runtime turns every exit status into 0 once a circuit has run; run_main
+    must not let it. The child simulates a circuit, then fails the way a script can."""
+    proc = run_python(CIRCUIT + f"""
+    from cli import UserError, run_main
+    def main(argv):
+        raise {error}
+    run_main(main)
+    """)
+    assert proc.returncode == status, proc.stderr
+    if status == 2:
+        assert proc.stderr.strip() == "error: bad input"
+
+
+def test_pytest_fails_when_a_test_fails_after_a_circuit_ran():
+    """The test session keeps its status too (tests/conftest.py): one test runs a circuit,
+    the next fails; pytest must exit 1, not 0."""
+    probe = tempfile.mkdtemp(prefix="_exit_probe_", dir=ROOT / "tests")
+    try:
+        with open(f"{probe}/test_probe.py", "w") as f:
+            f.write("def test_runs_a_circuit():\n" + textwrap.indent(textwrap.dedent(CIRCUIT), "    ")
+                    + "\n\ndef test_fails_on_purpose():\n    assert False\n")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", probe],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        import shutil
+
+        shutil.rmtree(probe, ignore_errors=True)
+    assert "1 failed, 1 passed" in proc.stdout, proc.stdout
+    assert proc.returncode == 1

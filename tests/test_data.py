@@ -57,11 +57,9 @@ def test_missing_directory_message_and_exit(tmp_path, capsys, monkeypatch):
         data.load_split("test", missing, download=False)
     # through a CLI, with the download failing as it does offline: one message, exit status 2
     monkeypatch.setattr(data, "_download", lambda root, split: (_ for _ in ()).throw(data.DataError(f"no CIFAR-10 found in {root}")))
-    with pytest.raises(SystemExit) as e:
-        from common import run_main
+    from cli import exit_status
 
-        run_main(infer_torch.main, ["--data-dir", str(missing), "--checkpoint", "checkpoints/fast.pt"])
-    assert e.value.code == 2
+    assert exit_status(infer_torch.main, ["--data-dir", str(missing), "--checkpoint", "checkpoints/fast.pt"]) == 2
     assert "no CIFAR-10 found" in capsys.readouterr().err
 
 

@@ -112,7 +112,7 @@ def test_real_fhe_client_server_equals_simulation(tiny_checkpoint, tiny_data_dir
     fhe_inference.main([a if a != "2" else "3" for a in base] + TINY_FHE)
     assert "2 images already" in capsys.readouterr().out
     assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 3
-    from common import UserError
+    from cli import UserError
 
     with pytest.raises(UserError, match="other settings"):
         fhe_inference.main(base + ["--p-error", "1e-6", "--rounding-bits", "4", "--rounding-method", "exact", "--n-calib", "40"])
@@ -141,7 +141,7 @@ def test_shipped_checkpoint_simulation(rounding_bits, vs):
     see the README). Simulation is random (approximate rounding, p_error) and Concrete's
     simulator cannot be seeded: 1,000 images and the mean of 3 runs keep this from flaking."""
     import infer_vl
-    from common import topk_accuracy
+    from metrics import topk_accuracy
 
     ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "fast.pt"
     o = CompileOptions(checkpoint=str(ckpt), data_dir=str(SHARED), p_error=0.05, rounding_bits=rounding_bits)

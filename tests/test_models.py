@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from common import UserError, load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from cli import UserError
 from models import CONFIGS, FAST, REFERENCE, TINY, ModelConfig, SplitNet
 from pruning import accumulator_bits, apply_pruning
 

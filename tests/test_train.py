@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import train
-from common import UserError, load_checkpoint
+from checkpoints import load_checkpoint
+from cli import UserError
 from models import TINY
 
 

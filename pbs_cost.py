@@ -1,0 +1,150 @@
+"""The cost of one programmable bootstrap (PBS) at given crypto parameters, measured on this
+machine, and the FHE time of a circuit estimated from it: sum(PBS count x per-PBS seconds).
+
+Each per-PBS cost is measured on a synthetic lookup circuit that Concrete compiles to the
+same (polynomial size, GLWE dimension, level), or the closest comparable one scaled by a PBS
+cost model (see per_pbs_seconds; none comparable: no estimate). benchmark.py validates the
+estimate against measured FHE times; fhe_inference.py prints it before a real-FHE run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from provenance import write_json
+
+KEY_LIMIT_BYTES = 6 * 2**30  # never generate larger keys for a per-PBS measurement
+
+
+def param_dict(p) -> dict:
+    return {k: int(getattr(p, k)()) for k in ("polynomial_size", "glwe_dimension", "input_lwe_dimension", "level", "base_log")}
+
+
+def synthetic_circuit(bits: int, p_error: float, n: int):
+    """n independent table lookups on `bits`-bit encrypted inputs: PBS and nothing else."""
+    from concrete import fhe
+
+    table = fhe.LookupTable([(i * 5 + 1) % 16 for i in range(2**bits)])
+    compiler = fhe.Compiler(lambda x: table[x], {"x": "encrypted"})
+    inputset = [np.arange(n) % 2**bits, np.full(n, 2**bits - 1)]
+    return compiler.compile(inputset, fhe.Configuration(p_error=p_error))
+
+
+def pbs_cost_model(p: dict) -> float:
+    """Relative cost of one PBS: n blind-rotation steps, each `level` decompositions of (k+1)
+    polynomials times (k+1) FFT products of size N."""
+    n_, lvl, k, N = p["input_lwe_dimension"], p["level"], p["glwe_dimension"], p["polynomial_size"]
+    return n_ * lvl * (k + 1) ** 2 * N * math.log2(N)
+
+
+# Above 10 bits Concrete compiles a synthetic lookup to another kind of bootstrap (small
+# polynomials, level 3-4) that costs ~100x a PBS: such circuits say nothing about a PBS.
+SYNTHETIC_BITS = range(1, 11)
+SYNTHETIC_P_ERRORS = (0.1, 0.05, 1e-3, 1e-6, 2**-40)
+
+
+@functools.lru_cache(maxsize=None)
+def synthetic_candidates(n: int) -> tuple:
+    """(parameters, bits, p_error) that Concrete picks for synthetic lookups (compile only)."""
+    out = []
+    for bits in SYNTHETIC_BITS:
+        for p_error in SYNTHETIC_P_ERRORS:
+            (param,) = synthetic_circuit(bits, p_error, n).statistics["programmable_bootstrap_count_per_parameter"]
+            out.append((tuple(param_dict(param).items()), bits, p_error))
+    return tuple(out)
+
+
+def match_tier(candidate: dict, target: dict) -> int | None:
+    """How closely a synthetic circuit's parameters stand for the target's: 0 the same
+    (polynomial size, GLWE dimension, level); 1 the same polynomial size and GLWE dimension;
+    2 the same GLWE size (k x N); None: not comparable, the cost model is not trusted across."""
+    same = lambda *ks: all(candidate[k] == target[k] for k in ks)  # noqa: E731
+    glwe_size = lambda p: p["glwe_dimension"] * p["polynomial_size"]  # noqa: E731
+    if same("polynomial_size", "glwe_dimension", "level"):
+        return 0
+    if same("polynomial_size", "glwe_dimension"):
+        return 1
+    return 2 if glwe_size(candidate) == glwe_size(target) else None
+
+
+def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
+    """The per-PBS cost at the target parameters: measured once per process and parameter
+    set, and with cache=True kept on disk for this machine, thread count and Concrete version
+    (fhe_inference.py's estimate then costs nothing after the first run)."""
+    if not cache:
+        return _per_pbs_seconds(tuple(sorted(target.items())), n)
+    path = _cache_path()
+    key = json.dumps([sorted(target.items()), n, _machine()])
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    if key not in stored:
+        stored[key] = _per_pbs_seconds(tuple(sorted(target.items())), n)
+        with contextlib.suppress(OSError):
+            write_json(path, stored)
+    return stored[key]
+
+
+def _cache_path():
+    from data import cache_dir
+
+    return cache_dir() / "pbs_cost.json"
+
+
+def _machine() -> list:
+    from provenance import hardware, versions
+
+    return [hardware()["cpu"], os.cpu_count(), os.environ.get("OMP_NUM_THREADS"), versions().get("concrete-python")]
+
+
+@functools.lru_cache(maxsize=None)
+def _per_pbs_seconds(target_items: tuple, n: int) -> dict:
+    return _measure(dict(target_items), n)
+
+
+def _measure(target: dict, n: int) -> dict:
+    """Measure one PBS on the synthetic circuit whose parameters best stand for the target's
+    (see match_tier; among equals, the nearest in the cost model) and scale the time by the
+    cost model's ratio: an estimate, validated in the benchmark on the configs whose FHE time
+    is measured. No comparable circuit: seconds is None, and the row says so."""
+    scored = []
+    for items, bits, pe in synthetic_candidates(n):
+        cand = dict(items)
+        tier = match_tier(cand, target)
+        if tier is not None:
+            distance = abs(math.log(pbs_cost_model(cand) / pbs_cost_model(target)))
+            scored.append(((tier, distance), cand, bits, pe))
+    if not scored:
+        return {"matched": None, "seconds": None, "note": f"no synthetic lookup compiles to N={target['polynomial_size']}, k={target['glwe_dimension']}: not estimated"}
+    (tier, _), got, bits, p_error = min(scored, key=lambda c: c[0])
+    circuit = synthetic_circuit(bits, p_error, n)
+    key_bytes = sum(int(circuit.statistics[f"size_of_{k}"]) for k in ("bootstrap_keys", "keyswitch_keys"))
+    if key_bytes > KEY_LIMIT_BYTES:
+        return {"matched": got, "seconds": None, "note": f"keys {key_bytes / 2**30:.1f} GiB: not measured"}
+    circuit.keygen()
+    x = circuit.encrypt(np.arange(n) % 2**bits)
+    circuit.run(x)  # warm-up
+    t0 = time.perf_counter()
+    circuit.run(x)
+    measured = (time.perf_counter() - t0) / n
+    scale = pbs_cost_model(target) / pbs_cost_model(got)
+    return {"matched": got, "match_tier": tier, "measured_seconds": measured, "seconds": measured * scale, "bits": bits, "p_error": p_error}
+
+
+def estimate_fhe_seconds(pbs_per_parameter: dict, cache: bool = True) -> tuple[float | None, list]:
+    """Seconds per image from a circuit's statistics["programmable_bootstrap_count_per_parameter"]
+    (None when a parameter set has no comparable synthetic circuit), and the parts."""
+    total, parts = 0.0, []
+    for param, count in pbs_per_parameter.items():
+        cost = per_pbs_seconds(param_dict(param), cache=cache)
+        parts.append({"parameters": param_dict(param), "pbs": int(count), **cost})
+        total = None if total is None or cost["seconds"] is None else total + count * cost["seconds"]
+    return total, parts

@@ -1,0 +1,75 @@
+"""What every result file carries (command, config, library versions, hardware) and atomic
+writes, so that an interrupted run never leaves a half-written file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "brevitas", "concrete-ml", "concrete-python", "numpy", "dask", "distributed"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "platform": platform.platform()}
+
+
+def provenance(config) -> dict:
+    """The command, its config (with the effective FHE settings filled in), versions, hardware."""
+    return {
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "config": asdict(config) if dataclasses.is_dataclass(config) else config,
+        "versions": versions(),
+        "hardware": hardware(),
+    }
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """write(tmp_path) then rename, so an interrupted run never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+
+    atomic_write(path, w)
