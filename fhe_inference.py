@@ -136,10 +136,10 @@ def print_summary(s: dict) -> None:
     print("median seconds per stage: " + ", ".join(f"{k} {v:.4f}" for k, v in s["stage_s_median"].items()))
 
 
-def check_estimate(report: dict, n_todo: int, cfg: FHEConfig) -> dict:
+def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
     """Print the estimated FHE time before any key generation; refuse a run of more than an
     hour without --yes."""
-    per_image, parts = estimate_fhe_seconds(report["pbs_per_parameter"])
+    per_image, parts = estimate_fhe_seconds(qm.fhe_circuit.statistics["programmable_bootstrap_count_per_parameter"])
     parallel = max(1, cfg.workers)
     if per_image is None:
         print("estimated FHE time: not available for these crypto parameters (see benchmark.py)")
@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
 
     model, ckpt, qm, report = compile_checkpoint(cfg)
     print_report(report)
-    report["estimate"] = check_estimate(report, len(todo), cfg)
+    report["estimate"] = check_estimate(qm, report, len(todo), cfg)
     client, server_dir, keygen_s = deploy_local(qm, model, out)
     report["keygen_seconds"] = keygen_s
     print(f"keygen {keygen_s:.1f} s")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import logging
 from pathlib import Path
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -64,7 +65,7 @@ def dask_client(workers: int, threads_per_worker: int, scheduler: str | None):
         return Client(scheduler)
     cluster = LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-        env={"OMP_NUM_THREADS": str(threads_per_worker)}, silence_logs="error",
+        env={"OMP_NUM_THREADS": str(threads_per_worker)}, silence_logs=logging.ERROR,
     )
     return Client(cluster)
 
@@ -96,6 +97,7 @@ def fhe_servers(server_dir, eval_keys: bytes, workers: int = 0, threads_per_work
                 sent.append(payload)
             return executor.submit(serve, payload)
 
+        submit.dask_client = client  # for callers that manage the cluster (tests kill a worker)
         yield submit
     finally:
         cluster = client.cluster

@@ -14,7 +14,7 @@ import torch
 import data
 import fhe_inference
 from conftest import SHARED, needs_dataset
-from fhe import CompileOptions, clear_features, compile_checkpoint, to_concrete
+from fhe import CompileOptions, clear_features, compile_checkpoint, evaluate, quantized_logits
 from p_error_search import bisect_log
 
 # A very small p_error (over the ~450 PBS of the tiny circuit an error is ~1e-6 likely) and
@@ -56,30 +56,36 @@ def test_infer_vl_on_tiny_data(tiny_checkpoint, tiny_data_dir, tmp_path):
     assert json.loads(out.read_text())["simulate"] == r["simulate"]
 
 
-def test_paired_difference():
-    import infer_vl
+def test_paired_difference_and_intervals():
+    from metrics import paired_difference, proportion_ci, spread
 
-    eye = np.eye(3)
-    a, b = eye[[0, 1, 2, 0]], eye[[0, 1, 1, 1]]  # a right on 4 of 4, b on 2
-    d = infer_vl.paired_difference(a, b, [0, 1, 2, 0])
+    a, b = [0, 1, 2, 0], [0, 1, 1, 1]  # predictions: a right on 4 of 4, b on 2
+    d = paired_difference(a, b, [0, 1, 2, 0])
     assert d["diff"] == 0.5 and d["standard_error"] == pytest.approx(np.std([0, 0, 1, 1], ddof=1) / 2)
-    assert infer_vl.paired_difference(a[:1], b[:1], [0]) == {"diff": 0.0, "standard_error": None}
+    assert paired_difference(a[:1], b[:1], [0]) == {"diff": 0.0, "standard_error": None}
+    lo, hi = proportion_ci(80, 100)
+    assert 0.70 < lo < 0.72 and 0.87 < hi < 0.88  # Wilson interval of 80/100
+    s = spread([0.70, 0.72, 0.74])
+    assert s["mean"] == pytest.approx(0.72) and s["sd"] == pytest.approx(0.02) and (s["min"], s["max"]) == (0.70, 0.74)
 
 
-def test_non_contiguous_inputs_are_made_contiguous(tiny_compiled):
-    """Concrete reads raw buffers and ignores strides: a channels-last array must be copied."""
+def test_strided_inputs_are_scrambled_without_the_guard(tiny_compiled):
+    """Concrete's simulator reads raw buffers and ignores strides: the same values in a
+    channels-last view simulate to other logits (while fhe="disable" looks right), unless
+    they go through the project's guard (quantized_logits -> to_concrete)."""
     model, qm, _, images, _ = tiny_compiled
     feats = clear_features(model, images)
-    channels_last = np.ascontiguousarray(feats.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-    assert not channels_last.flags["C_CONTIGUOUS"] and np.array_equal(channels_last, feats)
-    fixed = to_concrete(channels_last)
-    assert fixed.flags["C_CONTIGUOUS"]
-    assert np.array_equal(qm.forward(fixed, fhe="simulate"), qm.forward(feats, fhe="simulate"))
-    # the clear part run in channels-last memory format still hands Concrete a contiguous array
+    strided = np.ascontiguousarray(feats.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert not strided.flags["C_CONTIGUOUS"] and np.array_equal(strided, feats)
+    expected = qm.forward(feats, fhe="simulate")
+    assert not np.array_equal(qm.forward(strided, fhe="simulate"), expected), "Concrete now honours strides: the guard may go"
+    assert np.array_equal(qm.forward(strided, fhe="disable"), qm.forward(feats, fhe="disable"))
+    assert np.array_equal(quantized_logits(qm, strided, "simulate"), expected)
+    # the clear part run in channels-last memory format still hands Concrete the right array
     model_cl = model.to(memory_format=torch.channels_last)
     feats_cl = clear_features(model_cl, images.to(memory_format=torch.channels_last))
     model.to(memory_format=torch.contiguous_format)
-    assert feats_cl.flags["C_CONTIGUOUS"] and np.allclose(feats_cl, feats)
+    assert np.array_equal(quantized_logits(qm, feats_cl, "simulate"), expected)
 
 
 def test_simulation_is_deterministic_at_tiny_p_error(tiny_compiled):
@@ -140,19 +146,12 @@ def test_shipped_checkpoint_simulation(rounding_bits, vs):
     quantized model with the deployed 6-bit rounding (which itself costs ~1.5 points vs torch,
     see the README). Simulation is random (approximate rounding, p_error) and Concrete's
     simulator cannot be seeded: 1,000 images and the mean of 3 runs keep this from flaking."""
-    import infer_vl
-    from metrics import topk_accuracy
-
     ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "fast.pt"
     o = CompileOptions(checkpoint=str(ckpt), data_dir=str(SHARED), p_error=0.05, rounding_bits=rounding_bits)
     model, _, qm, _ = compile_checkpoint(o)
     images, labels = data.stack(data.dataset("test", SHARED, n=1000))
-    acc = infer_vl.evaluate(model, qm, images, labels)
-    feats = clear_features(model, images)
-    sims = [acc["simulate"]["top1"]] + [
-        topk_accuracy(infer_vl.quantized_logits(qm, feats, "simulate", 250, "simulate"), labels, ks=(1,))["top1"] for _ in range(2)
-    ]
-    assert abs(np.mean(sims) - acc[vs]["top1"]) <= 0.015
+    acc = evaluate(model, qm, images, labels, repeats=3)
+    assert abs(acc["simulate_spread"]["top1"]["mean"] - acc[vs]["top1"]) <= 0.015
 
 
 @needs_dataset
@@ -161,25 +160,24 @@ def test_shipped_reference_checkpoint_simulation():
     first 200 test images. Its simulation is noisy (about +-2 points from run to run on 500
     images, see results/p_error_search_reference.json), so the bounds leave room for that; a
     broken compile or a scrambled input (chance: 0.10 top-1) fails them by far."""
-    import infer_vl
-
     ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "reference.pt"
-    o = CompileOptions(checkpoint=str(ckpt), data_dir=str(SHARED), p_error=0.05, rounding_bits=6)
+    o = CompileOptions(checkpoint=str(ckpt), data_dir=str(SHARED))  # its deployed setting, from the checkpoint
     model, _, qm, report = compile_checkpoint(o)
     assert report["max_bit_width"] <= model.cfg.accumulator_bits  # the pruning bound, compiled
     images, labels = data.stack(data.dataset("test", SHARED, n=200))
-    acc = infer_vl.evaluate(model, qm, images, labels)
+    assert (o.p_error, o.rounding_bits, o.rounding_method) == (0.05, 6, "approximate")
+    acc = evaluate(model, qm, images, labels)
     assert acc["simulate"]["top1"] >= acc["torch"]["top1"] - 0.05
     assert acc["sim_vs_torch_agreement"] >= 0.7
 
 
 def test_per_pbs_estimator_matches_parameters_and_measures():
-    from benchmark import param_dict, per_pbs_seconds, synthetic_circuit
+    from pbs_cost import param_dict, per_pbs_seconds, synthetic_circuit
 
     circuit = synthetic_circuit(5, 0.05, 16)
     (param,) = circuit.statistics["programmable_bootstrap_count_per_parameter"]
     target = param_dict(param)
-    cost = per_pbs_seconds(target, n=16)
+    cost = per_pbs_seconds(target, n=16, cache=False)
     assert cost["matched"]["polynomial_size"] == target["polynomial_size"] and cost["matched"]["level"] == target["level"]
     assert 0 < cost["seconds"] < 10
 
@@ -187,14 +185,14 @@ def test_per_pbs_estimator_matches_parameters_and_measures():
 def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
     """A (N, k) no synthetic lookup compiles to gets no estimate rather than a guess scaled
     from another ring size (the fault that once put a 4096-level-2 PBS at ~1 s)."""
-    from benchmark import match_tier, per_pbs_seconds
+    from pbs_cost import match_tier, per_pbs_seconds
 
     p = dict(polynomial_size=2048, glwe_dimension=1, level=1, input_lwe_dimension=800, base_log=23)
     assert match_tier(p, p) == 0
     assert match_tier(p, {**p, "level": 2}) == 1
     assert match_tier(p, {**p, "polynomial_size": 512, "glwe_dimension": 4}) == 2
     assert match_tier(p, {**p, "polynomial_size": 4096}) is None
-    cost = per_pbs_seconds({**p, "polynomial_size": 2**20}, n=16)
+    cost = per_pbs_seconds({**p, "polynomial_size": 2**20}, n=16, cache=False)
     assert cost["seconds"] is None and cost["matched"] is None and "not estimated" in cost["note"]
 
 

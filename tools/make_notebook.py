@@ -35,8 +35,7 @@ SETTINGS = {
     "full": dict(train_args=["--epochs", "40", "--label-smoothing", "0.1"],
                  n_eval=10_000, p_errors=[1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.3, 0.5], rounding_bits=[3, 4, 5, 6, 7, 8]),
 }[MODE]
-CHECKPOINT = "checkpoints/fast.pt"  # the shipped model
-P_ERROR, ROUNDING_BITS = 0.078, 6   # the deployed setting: p_error from p_error_search.py (see the README)
+CHECKPOINT = "checkpoints/fast.pt"  # the shipped model; it stores its deployed p_error and rounding
 print(MODE, SETTINGS)
 """)
 
@@ -48,8 +47,10 @@ import numpy as np
 import matplotlib.pyplot as plt
 import torch
 
-import data, train, fhe, fhe_inference, infer_vl
-from common import load_checkpoint, topk_accuracy, hardware, versions
+import data, deployment, fhe, train
+from checkpoints import deployment as deployed_settings, load_checkpoint
+from metrics import format_spread, topk_accuracy
+from provenance import hardware, versions
 torch.manual_seed(0);
 """)
 
@@ -69,12 +70,20 @@ model, ckpt = load_checkpoint(CHECKPOINT)
 print("model config:", ckpt["model_config"])
 print("trained epochs:", ckpt["epoch"], " validation top-1:", round(ckpt["metrics"]["val_acc"], 4))
 print("\\n".join(model.layer_table()))
+DEPLOYED = deployed_settings(ckpt)  # p_error found by p_error_search.py --write, rounding bits and method
+P_ERROR, ROUNDING_BITS = DEPLOYED["p_error"], DEPLOYED["rounding_bits"]
+print("deployed FHE settings:", DEPLOYED)
 """)
 
-md("## Training\nQuantization-aware training with Brevitas. In quick mode this runs a few steps on a small subset, to show the loop; the shipped checkpoint was trained with `python train.py --model fast --epochs 40 --label-smoothing 0.1`.")
+md("## Training\nQuantization-aware training with Brevitas. In quick mode this runs a few steps on a small subset, to show the loop (into a temporary folder); in full mode it trains for real into `runs/notebook/fast.pt`, kept (rerun the cell to resume). The shipped checkpoint was trained with `python train.py --model fast --epochs 40 --label-smoothing 0.1`.")
 code("""
-with tempfile.TemporaryDirectory() as tmp:
-    result = train.main(["--model", "fast", "--workers", "0", "--out", f"{tmp}/demo.pt", *SETTINGS["train_args"]])
+if MODE == "full":
+    out = "runs/notebook/fast.pt"
+    resume = ["--resume"] if Path(out).with_suffix(".state.pt").exists() else []
+    result = train.main(["--model", "fast", "--workers", "0", "--out", out, *SETTINGS["train_args"], *resume])
+else:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train.main(["--model", "fast", "--workers", "0", "--out", f"{tmp}/demo.pt", *SETTINGS["train_args"]])
 history = ckpt["history"]
 plt.figure(figsize=(5, 3))
 plt.plot([h["epoch"] for h in history], [h["train_acc"] for h in history], label="train (augmented)")
@@ -84,17 +93,20 @@ plt.xlabel("epoch"); plt.ylabel("top-1"); plt.title("shipped checkpoint's traini
 
 md("## Compilation and cost\nThe calibration set is the clear part's output on the first training images, made C-contiguous: Concrete reads raw buffers and ignores strides.")
 code("""
-opts = fhe.CompileOptions(checkpoint=CHECKPOINT, p_error=P_ERROR, rounding_bits=ROUNDING_BITS)
+opts = fhe.CompileOptions(checkpoint=CHECKPOINT)  # p_error and rounding: the checkpoint's deployed ones
 model, ckpt, qm, report = fhe.compile_checkpoint(opts)
 fhe.print_report(report)
 """)
 
-md("## Accuracy: torch, clear quantized model, FHE simulation\nThe same test images through the three.")
+md("## Accuracy: torch, clear quantized model, FHE simulation\nThe same test images through the three. Simulation is random (it cannot be seeded): it is drawn 3 times, and reported as mean +- standard deviation.")
 code("""
 images, labels = data.stack(data.dataset("test", n=SETTINGS["n_eval"]))
-acc = infer_vl.evaluate(model, qm, images, labels)
-for k in ("torch", "disable", "simulate"):
+acc = fhe.evaluate(model, qm, images, labels, repeats=3)
+print(f"{len(labels)} test images")
+for k in ("torch", "disable"):
     print(f"{k:<9}", "  ".join(f"{m} {v:.4f}" for m, v in acc[k].items()))
+for m, s in acc["simulate_spread"].items():
+    print(f"simulate  {m} {format_spread(s)}")
 """)
 
 md("## The effect of p_error and of rounding\n`p_error` is the probability that one programmable bootstrap (PBS) returns a wrong value; larger values allow smaller, faster crypto parameters. Rounding the accumulators to fewer bits before each table lookup makes each PBS cheaper, at some cost in accuracy.")
@@ -128,11 +140,12 @@ for r, t, c in rows_r: print(f"rounding {r} bits  simulated top-1 {t:.4f}  compl
 md("## One image under real FHE\nThe client and the server only share files: `client/` keeps the secret key, `server/` receives the compiled model and the evaluation keys.")
 code("""
 with tempfile.TemporaryDirectory() as tmp:
-    client, server, keygen_s = fhe_inference.deploy(qm, Path(tmp))
-    eval_keys = fhe_inference.load_eval_keys(Path(tmp) / "server")
-    print("server holds:", sorted(p.name for p in (Path(tmp) / "server").iterdir()))
+    client, server_dir, keygen_s = deployment.deploy_local(qm, model, tmp)
+    print("server holds:", sorted(p.name for p in server_dir.iterdir()))
+    server = deployment.FHEServer(server_dir)
+    eval_keys = server.load_keys((server_dir / "evaluation_keys.bin").read_bytes())
     image, label = data.dataset("test", n=1)[0]
-    logits, t, nbytes = fhe_inference.classify(model, client, server, eval_keys, image)
+    logits, t, nbytes = deployment.classify(client, server, eval_keys, image)
 print(f"keygen {keygen_s:.1f} s; encrypted input {nbytes / 2**20:.1f} MiB")
 for stage, s in t.items(): print(f"  {stage:<11} {s:8.3f} s")
 clear_logits = model(image[None]).detach().numpy()[0]
