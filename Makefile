@@ -20,8 +20,16 @@ run: install
 	$(PY) infer_torch.py --checkpoint checkpoints/fast.pt
 	$(PY) fhe_inference.py --checkpoint checkpoints/fast.pt --n-images 3 --out-dir runs/fhe_fast_make
 
+# Two tiers, each with its own pytest summary line; the first failure stops make with a
+# non-zero status (tests/conftest.py keeps pytest's status after Concrete has run).
+#   fast    generated tiny data and tiny circuits (about 10 minutes here, 2 cores)
+#   dataset the shipped checkpoints and the notebook on ../shared/datasets/cifar10 (skipped without it)
+# `make test-all` adds the tests marked slow (the shipped model under real FHE).
 test: install
-	$(PY) -m pytest -q tests
+	@echo "== tier: fast (tiny data and circuits)"
+	$(PY) -m pytest -q -m "not slow and not dataset" tests
+	@echo "== tier: dataset (shipped checkpoints, notebook)"
+	$(PY) -m pytest -q -m "dataset and not slow" tests
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow" tests

@@ -59,6 +59,27 @@ def state_path(out: str) -> Path:
     return Path(out).with_suffix(".state.pt")
 
 
+def runtime_stats(model: nn.Module) -> dict:
+    """The raw state of Brevitas' runtime-statistics scalings. For their first steps they
+    collect activation statistics in a counter and a buffer; state_dict() leaves the counter
+    out and folds the buffer into the scale, so that a model loaded from it counts its
+    statistics as done. A resume restores them as they were, or epoch 2 of a resumed run
+    would train differently from epoch 2 of an uninterrupted one."""
+    from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
+
+    return {n: {"counter": int(m.counter), "buffer": m.buffer.detach().clone(), "value": m.value.detach().clone()}
+            for n, m in model.named_modules() if isinstance(m, ParameterFromRuntimeStatsScaling)}
+
+
+def load_runtime_stats(model: nn.Module, stats: dict) -> None:
+    with torch.no_grad():
+        for name, s in stats.items():
+            m = model.get_submodule(name)
+            m.counter = s["counter"]
+            m.buffer.copy_(s["buffer"])
+            m.value.copy_(s["value"])
+
+
 STATE_KEYS = ("model", "optimizer", "scheduler", "rng", "loader_rng", "epoch", "history", "train_config")
 
 
@@ -103,6 +124,7 @@ def train(cfg: TrainConfig) -> dict:
         if resume_state["train_config"]["model"] != cfg.model:
             raise UserError(f"--resume: {sp} trains model {resume_state['train_config']['model']!r}, not {cfg.model!r}")
         load_pruned_state(model, resume_state["model"])
+        load_runtime_stats(model, resume_state.get("runtime_stats", {}))
     else:
         apply_pruning(model, model_cfg.accumulator_bits)
 
@@ -171,6 +193,7 @@ def train(cfg: TrainConfig) -> dict:
         )
         st = {
             "model": pruned_state(model),  # weights and pruning masks, to resume exactly
+            "runtime_stats": runtime_stats(model),
             "optimizer": opt_.state_dict(),
             "scheduler": sched.state_dict(),
             "rng": torch.get_rng_state(),

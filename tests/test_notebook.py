@@ -1,13 +1,21 @@
-"""The notebook runs top to bottom in quick mode (a few minutes)."""
+"""The notebook runs top to bottom in quick mode (a few minutes), and what it prints is what
+the project's functions give on the same images."""
 
 from __future__ import annotations
+
+import re
+
+import pytest
 
 from conftest import ROOT, SHARED, needs_dataset
 
 
 @needs_dataset
-def test_notebook_runs_in_quick_mode(monkeypatch):
+def test_notebook_runs_in_quick_mode_and_prints_the_projects_accuracies(monkeypatch):
     import sys
+
+    import data
+    from fhe import CompileOptions, compile_checkpoint, evaluate
 
     sys.path.insert(0, str(ROOT / "tools"))
     from run_notebook import execute
@@ -15,4 +23,13 @@ def test_notebook_runs_in_quick_mode(monkeypatch):
     monkeypatch.setenv("CIFAR10_DIR", str(SHARED))
     nb = execute("quick", write=False)
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "FHE prediction" in outputs and "simulate" in outputs
+    n = int(re.search(r"^(\d+) test images$", outputs, re.M).group(1))
+    printed = {k: {f"top{i}": float(v) for i, v in re.findall(r"top(\d) (\d\.\d{4})", re.search(rf"^{k} .*$", outputs, re.M).group(0))}
+               for k in ("torch", "disable")}
+    assert "FHE prediction" in outputs
+
+    model, _, qm, _ = compile_checkpoint(CompileOptions(checkpoint=str(ROOT / "checkpoints" / "fast.pt"), data_dir=str(SHARED)))
+    images, labels = data.stack(data.dataset("test", SHARED, n=n))
+    acc = evaluate(model, qm, images, labels)
+    for k in ("torch", "disable"):  # deterministic: equal to the printed 4 decimals
+        assert printed[k] == {m: pytest.approx(v, abs=5e-5) for m, v in acc[k].items()}, k

@@ -17,7 +17,7 @@ with [Concrete ML](https://github.com/zama-ai/concrete-ml). The server never see
 the class: only the client can decrypt the logits.
 
 This notebook walks through the pipeline with the project's own functions (`data.py`,
-`models.py`, `train.py`, `fhe.py`, `infer_vl.py`, `fhe_inference.py`): change the pipeline and
+`models.py`, `train.py`, `fhe.py`, `deployment.py`, `checkpoints.py`): change the pipeline and
 the notebook changes with it. Every number below was produced by running this notebook on the
 machine named in the last cell. Data: the JPEG copy of CIFAR-10 in `../shared/datasets/cifar10`,
 whose pixels differ slightly from the official files (accuracies here are comparable with each
