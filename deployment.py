@@ -23,7 +23,7 @@ import numpy as np
 
 from fhe import clear_features, to_concrete, warn_if_large_keys
 
-# Per-image stages, in order; the client's in CLIENT_STAGES, the server's alone in "server".
+# Per-image stages, in order: all on the client except "server".
 STAGES = ("clear", "quantize", "encrypt", "serialize", "server", "decrypt", "dequantize")
 
 
