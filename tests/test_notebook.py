@@ -22,7 +22,9 @@ def test_notebook_runs_in_quick_mode_and_prints_the_projects_accuracies(monkeypa
 
     monkeypatch.setenv("CIFAR10_DIR", str(SHARED))
     nb = execute("quick", write=False)
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    # stdout only: progress bars on stderr end in a bare "\r", which would glue onto the next line
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.get("outputs", []) if o.get("name") == "stdout")
     n = int(re.search(r"^(\d+) test images$", outputs, re.M).group(1))
     printed = {k: {f"top{i}": float(v) for i, v in re.findall(r"top(\d) (\d\.\d{4})", re.search(rf"^{k} .*$", outputs, re.M).group(0))}
                for k in ("torch", "disable")}
