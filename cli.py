@@ -21,10 +21,14 @@ def opt(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
-def parse_config(cls, argv, description: str):
-    """Build an argparse parser from a config dataclass; unknown or ill-typed options are rejected."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_config(cls, argv, description: str, prog: str | None = None):
+    """Build an argparse parser from a config dataclass; unknown or ill-typed options are
+    rejected. A field whose metadata says positional=True takes one or more arguments."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(cls):
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="+", help=f.metadata.get("help", ""))
+            continue
         name = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         kw = {"help": f.metadata.get("help", ""), "default": default}

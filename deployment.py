@@ -14,6 +14,7 @@ all go through these classes.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -42,6 +43,78 @@ def export(qm, out_dir) -> tuple[Path, Path]:
         shutil.copy(Path(tmp) / "client.zip", client_dir / "client.zip")
         shutil.copy(Path(tmp) / "server.zip", server_dir / "server.zip")
     return client_dir, server_dir
+
+
+# The client half of a deployment bundle (export_bundle), beside client.zip:
+CLEAR_LAYER = "clear_layer.pt"  # the clear part as TorchScript: torch.jit.load runs it, no project code or Brevitas
+SPEC = "preprocess.json"  # image size, normalization, class names, input shape, deployed settings
+CLIENT_README = """\
+# Client bundle
+
+- client.zip: Concrete ML's client specs and quantizers (concrete.ml.deployment.FHEModelClient)
+- clear_layer.pt: the model's first layer, run in the clear on this machine
+  (torch.jit.load(path)(x), x float32 of shape (N, 3, 32, 32) -> the encrypted part's input)
+- preprocess.json: how an image becomes x: RGB, resized to image_size x image_size with PIL's
+  bilinear filter when it is another size, scaled to [0, 1], then (x - mean) / std per channel;
+  the class names, in the order of the model's outputs
+- keys/: created by the first key generation; holds the SECRET key: never send it anywhere
+
+Per image: features = clear_layer(x); q = client.model.quantize_input(features) (a C-contiguous
+array); ciphertext = client.client.encrypt(q).serialize(); send it with the evaluation keys'
+id; decrypt the answer with client.deserialize_decrypt_dequantize(result).
+"""
+
+
+def export_bundle(model, qm, ckpt: dict, settings: dict, out_dir) -> tuple[Path, Path]:
+    """The deployment bundle: out/client (client.zip, the clear layer as TorchScript,
+    preprocess.json, a README) and out/server (server.zip only). No key anywhere."""
+    import torch
+
+    import data
+
+    client_dir, server_dir = export(qm, out_dir)
+    cfg = ckpt["model_config"]
+    size = cfg["image_size"]
+    with torch.no_grad():
+        traced = torch.jit.trace(model.clear.eval(), torch.zeros(1, cfg["in_channels"], size, size), check_trace=False)
+    traced.save(str(client_dir / CLEAR_LAYER))
+    spec = {"model": cfg["name"], "image_size": size, "mean": list(data.MEAN), "std": list(data.STD),
+            "classes": list(data.CLASSES), "input_shape": [1, cfg["in_channels"], size, size],
+            "deployment": settings}
+    (client_dir / SPEC).write_text(json.dumps(spec, indent=1))
+    (client_dir / "README.md").write_text(CLIENT_README)
+    return client_dir, server_dir
+
+
+def read_image(path, spec: dict) -> np.ndarray:
+    """A PNG / JPEG file of any size -> the model's input (3, S, S) float32, as documented in
+    CLIENT_README (the same values as the dataset's preprocessing for a S x S image)."""
+    from PIL import Image, UnidentifiedImageError
+
+    s = spec["image_size"]
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{path}: not an image PIL can read ({e})") from None
+    if img.size != (s, s):
+        img = img.resize((s, s), Image.BILINEAR)
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, S, S), channels first
+    mean, std = (np.asarray(spec[k], dtype=np.float32)[:, None, None] for k in ("mean", "std"))
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+
+def bundle_client(client_dir) -> tuple["FHEClient", dict]:
+    """The client of an exported bundle, with its clear layer loaded from TorchScript."""
+    import torch
+
+    client_dir = Path(client_dir)
+    clear = torch.jit.load(str(client_dir / CLEAR_LAYER)).eval()
+
+    def run_clear(x):
+        with torch.no_grad():
+            return clear(torch.as_tensor(x))
+
+    return FHEClient(client_dir, run_clear), json.loads((client_dir / SPEC).read_text())
 
 
 class _Stopwatch:

@@ -139,3 +139,14 @@ def needs_dataset(fn):
     """A test on the shared CIFAR-10 copy: marked `dataset` (its own tier in `make test`),
     skipped where the copy is absent."""
     return pytest.mark.dataset(pytest.mark.skipif(not SHARED.exists(), reason="../shared/datasets/cifar10 not present")(fn))
+
+
+def assert_no_secret_key(blobs: list[bytes], client_dir: Path) -> None:
+    """No piece of any secret key the client holds (in client_dir/keys) is in blobs."""
+    secrets = sorted((Path(client_dir) / "keys").rglob("secretKey_*"))
+    assert secrets, "the client holds its secret keys"
+    for path in secrets:
+        key = path.read_bytes()
+        window = key[len(key) // 2 : len(key) // 2 + 256]  # binary coefficients as u64 words
+        assert len(set(window)) > 1  # not a run of one byte value
+        assert not any(window in b for b in blobs), f"{path.name} found"
