@@ -235,14 +235,18 @@ def compile_checkpoint(o: CompileOptions):
     return model, ckpt, qm, {**cost_report(qm, compile_s), "settings": settings}
 
 
-def evaluate(model, qm, images, labels, batch: int = 200, repeats: int = 1) -> dict:
+def evaluate(model, qm, images, labels, batch: int = 200, repeats: int = 1, draw=None) -> dict:
+    """Top-k of torch, fhe="disable" and `repeats` draws of fhe="simulate" on the same images;
+    the clear layer runs once. "simulate" holds the first draw, "simulate_spread" all of them.
+    draw(feats, repeats) -> list of logits, when given, makes the draws elsewhere (Dask workers)."""
     from metrics import paired_difference, spread, topk_accuracy
 
-    """Top-k of torch, fhe="disable" and `repeats` draws of fhe="simulate" on the same images;
-    the clear layer runs once. "simulate" holds the first draw, "simulate_spread" all of them."""
     feats = clear_features(model, images)
     t_logits = torch_logits(model, images)
-    draws = [quantized_logits(qm, feats, "simulate", batch, f"simulate {k + 1}/{repeats}") for k in range(repeats)]
+    if draw is not None:
+        draws = draw(feats, repeats)
+    else:
+        draws = [quantized_logits(qm, feats, "simulate", batch, f"simulate {k + 1}/{repeats}") for k in range(repeats)]
     acc = {
         "torch": topk_accuracy(t_logits, labels),
         "disable": topk_accuracy(quantized_logits(qm, feats, "disable", batch, "disable"), labels),

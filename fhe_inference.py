@@ -33,9 +33,9 @@ import data
 from checkpoints import read_checkpoint
 from cli import UserError, check_output_dir, opt, parse_config, run_main
 from deployment import STAGES, deploy_local
-from fhe import CompileOptions, compile_checkpoint, print_report, resolve_settings
+from fhe import compile_checkpoint, print_report, resolve_settings
 from metrics import paired_difference, proportion_ci
-from parallel import fhe_servers
+from parallel import ParallelOptions, fhe_servers
 from pbs_cost import estimate_fhe_seconds
 from provenance import provenance, write_json
 
@@ -47,23 +47,16 @@ CONFIRM_ABOVE_S = 3600  # a run estimated longer than this needs --yes
 
 
 @dataclass
-class FHEConfig(CompileOptions):
+class FHEConfig(ParallelOptions):
     n_images: int = opt(1, "number of test images to classify under FHE")
     start: int = opt(0, "index of the first test image")
     out_dir: str = opt("runs/fhe", "where predictions.csv, metadata.json, client/ and server/ go")
-    workers: int = opt(0, "Dask worker processes on this machine (0: one server in this process)")
-    threads_per_worker: int = opt(1, "Concrete runtime threads per Dask worker (OMP_NUM_THREADS)")
-    scheduler: str | None = opt(None, "address of an existing Dask scheduler to use instead of local workers (tcp://host:8786)")
     yes: bool = opt(False, "run even when the estimated time is above an hour")
 
     def __post_init__(self):
         super().__post_init__()
         if self.n_images < 1 or self.start < 0:
             raise UserError("--n-images must be >= 1 and --start >= 0")
-        if self.workers < 0 or self.threads_per_worker < 1:
-            raise UserError("--workers must be >= 0 and --threads-per-worker >= 1")
-        if self.scheduler and self.workers:
-            raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
         check_output_dir(self.out_dir, "--out-dir")
 
 

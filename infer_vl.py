@@ -1,6 +1,7 @@
 """Accuracy under FHE simulation, next to torch and the clear quantized model on the same images.
 
     python infer_vl.py --checkpoint checkpoints/fast.pt [--n-images 1000] [--repeats 3] [--json out.json]
+    python infer_vl.py --repeats 10 --workers 8          # the draws spread over 8 Dask workers
 
 fhe="disable" runs Concrete ML's integer model in the clear (no noise, one result);
 fhe="simulate" adds the PBS errors that p_error allows, as real FHE would. Simulation is
@@ -15,13 +16,14 @@ from dataclasses import asdict, dataclass
 
 import data
 from cli import UserError, check_output_file, opt, parse_config, run_main
-from fhe import CompileOptions, compile_checkpoint, evaluate, print_report
+from fhe import calibration_set, compile_checkpoint, compile_options, evaluate, print_report
 from metrics import format_spread, format_topk
+from parallel import ParallelOptions, simulators
 from provenance import provenance, write_json
 
 
 @dataclass
-class SimConfig(CompileOptions):
+class SimConfig(ParallelOptions):
     n_images: int | None = opt(None, "evaluate only the first N test images (default: all 10,000)")
     batch_size: int = opt(200, "images per simulation call")
     repeats: int = opt(3, "independent simulations of the same images (simulation is random)")
@@ -41,7 +43,10 @@ def main(argv=None) -> dict:
     print("config:", asdict(cfg))
     print_report(report)
     images, labels = data.stack(data.dataset("test", cfg.data_dir, n=cfg.n_images))
-    acc = evaluate(model, qm, images, labels, cfg.batch_size, cfg.repeats)
+    with simulators(cfg, cfg.batch_size) as workers:  # None: the draws run in this process
+        if workers:
+            workers.compile(cfg.checkpoint, compile_options(cfg), calibration_set(model, cfg))
+        acc = evaluate(model, qm, images, labels, cfg.batch_size, cfg.repeats, draw=workers.draws if workers else None)
     print(f"{ckpt['model_config']['name']} checkpoint {cfg.checkpoint}, {len(labels)} test images")
     for k in ("torch", "disable"):
         print(format_topk(k, acc[k]))

@@ -1,6 +1,7 @@
 """Binary search of p_error with FHE simulation, then a validation of the value found.
 
     python p_error_search.py --checkpoint checkpoints/fast.pt --rounding-bits 6
+    python p_error_search.py --workers 8 --n-validation 40   # simulations on 8 Dask workers
 
 Finds the largest p_error whose simulated top-1 on the first --n-images training images
 stays within --tolerance of the clear quantized model (fhe="disable", same images), then
@@ -28,13 +29,14 @@ from tqdm import tqdm
 import data
 from checkpoints import load_checkpoint, write_deployment
 from cli import UserError, check_output_file, opt, parse_config, run_main
-from fhe import CompileOptions, calibration_set, clear_features, compile_model, compile_options, quantized_logits, resolve_settings
+from fhe import calibration_set, clear_features, compile_model, compile_options, quantized_logits, resolve_settings
 from metrics import topk_accuracy
+from parallel import ParallelOptions, simulators
 from provenance import atomic_write, provenance, write_json
 
 
 @dataclass
-class SearchConfig(CompileOptions):
+class SearchConfig(ParallelOptions):
     n_images: int = opt(1000, "search on the first N training images")
     tolerance: float = opt(0.01, "largest allowed top-1 drop vs the clear quantized model (0.01 = 1 point)")
     lower: float = opt(1e-6, "lower end of the p_error search range")
@@ -121,24 +123,34 @@ def main(argv=None) -> dict:
 
     reference = simulate_top1(compiled(cfg.upper), feats, labels, fhe="disable")
     print(f"clear quantized model (fhe=disable) top-1 on {len(labels)} training images: {reference:.4f}")
-    bar = tqdm(total=cfg.max_iter + 2, desc="p_error search", leave=False)
+    with simulators(cfg, batch=250) as workers:  # None: simulate in this process
+        on_workers = [None]  # the p_error the workers hold compiled
 
-    def accuracy_at(p):
-        qm = compiled(p)
-        acc = float(np.mean([simulate_top1(qm, feats, labels) for _ in range(cfg.n_sim)]))
-        bar.update()
-        tqdm.write(f"p_error {p:10.4g}  simulated top-1 {acc:.4f}  drop {reference - acc:+.4f}")
-        return acc
+        def top1s(p, n: int, desc: str) -> list[float]:
+            """n simulated top-1 at p_error p."""
+            if workers is None:
+                qm = compiled(p)
+                return [simulate_top1(qm, feats, labels) for _ in tqdm(range(n), desc=desc, leave=False)]
+            if on_workers[0] != p:
+                workers.compile(cfg.checkpoint, compile_options(cfg, p_error=p), calib)
+                on_workers[0] = p
+            return [topk_accuracy(d, labels, ks=(1,))["top1"] for d in workers.draws(feats, n, desc)]
 
-    t0 = time.perf_counter()
-    chosen, trace = bisect_log(accuracy_at, reference, cfg.tolerance, cfg.lower, cfg.upper, cfg.max_iter)
-    bar.close()
-    if chosen is None:
-        raise UserError(f"even p_error={cfg.lower:g} loses more than {cfg.tolerance} top-1: lower --lower or raise --tolerance")
-    print(f"chosen p_error {chosen:.4g} ({time.perf_counter() - t0:.0f} s)")
+        bar = tqdm(total=cfg.max_iter + 2, desc="p_error search", leave=False)
 
-    qm = compiled(chosen)
-    drops = [reference - simulate_top1(qm, feats, labels) for _ in tqdm(range(cfg.n_validation), desc="validation", leave=False)]
+        def accuracy_at(p):
+            acc = float(np.mean(top1s(p, cfg.n_sim, f"p_error {p:.3g}")))
+            bar.update()
+            tqdm.write(f"p_error {p:10.4g}  simulated top-1 {acc:.4f}  drop {reference - acc:+.4f}")
+            return acc
+
+        t0 = time.perf_counter()
+        chosen, trace = bisect_log(accuracy_at, reference, cfg.tolerance, cfg.lower, cfg.upper, cfg.max_iter)
+        bar.close()
+        if chosen is None:
+            raise UserError(f"even p_error={cfg.lower:g} loses more than {cfg.tolerance} top-1: lower --lower or raise --tolerance")
+        print(f"chosen p_error {chosen:.4g} ({time.perf_counter() - t0:.0f} s)")
+        drops = [reference - a for a in top1s(chosen, cfg.n_validation, "validation")] if cfg.n_validation else []
     validation = {"runs": cfg.n_validation, "mean_drop": float(np.mean(drops)) if drops else None, "max_drop": float(np.max(drops)) if drops else None}
     if drops:
         print(f"validation over {cfg.n_validation} simulations: mean drop {validation['mean_drop']:+.4f}, max drop {validation['max_drop']:+.4f}")

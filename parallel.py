@@ -14,13 +14,36 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+from distributed import as_completed
 from distributed.diagnostics.plugin import WorkerPlugin
+from tqdm import tqdm
 
+from cli import UserError, opt
 from deployment import FHEServer
+from fhe import CompileOptions, to_concrete
 
 PLUGIN = "fhe-server"
+SIM_PLUGIN = "fhe-simulator"
+
+
+@dataclass
+class ParallelOptions(CompileOptions):
+    """Compile options plus where the work runs: this process, local Dask workers, or a cluster."""
+
+    workers: int = opt(0, "Dask worker processes on this machine (0: everything in this process)")
+    threads_per_worker: int = opt(1, "Concrete runtime threads per Dask worker (OMP_NUM_THREADS)")
+    scheduler: str | None = opt(None, "address of an existing Dask scheduler to use instead of local workers (tcp://host:8786)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.workers < 0 or self.threads_per_worker < 1:
+            raise UserError("--workers must be >= 0 and --threads-per-worker >= 1")
+        if self.scheduler and self.workers:
+            raise UserError("give --workers (a local cluster) or --scheduler (an existing one), not both")
 
 
 class ServerPlugin(WorkerPlugin):
@@ -87,8 +110,7 @@ def fhe_servers(server_dir, eval_keys: bytes, workers: int = 0, threads_per_work
     plugin = ServerPlugin((Path(server_dir) / "server.zip").read_bytes(), eval_keys)
     if sent is not None:
         sent.append(plugin.__getstate__())
-    client = dask_client(workers, threads_per_worker, scheduler)
-    try:
+    with dask_session(workers, threads_per_worker, scheduler) as client:
         client.register_plugin(plugin)
         executor = client.get_executor(pure=False, retries=2)
 
@@ -99,8 +121,83 @@ def fhe_servers(server_dir, eval_keys: bytes, workers: int = 0, threads_per_work
 
         submit.dask_client = client  # for callers that manage the cluster (tests kill a worker)
         yield submit
+
+
+@contextlib.contextmanager
+def dask_session(workers: int, threads_per_worker: int, scheduler: str | None):
+    """A Dask client (dask_client), closed afterwards with the local cluster it started."""
+    client = dask_client(workers, threads_per_worker, scheduler)
+    try:
+        yield client
     finally:
         cluster = client.cluster
         client.close()
         if cluster is not None and not scheduler:
             cluster.close()
+
+
+# ---------------------------------------------------------------- simulation on workers
+
+
+class SimulatorPlugin(WorkerPlugin):
+    """The encrypted part compiled on a worker, for fhe="simulate". The checkpoint file, the
+    compile options and the calibration set travel; each worker compiles them itself, and
+    compilation is deterministic, so every worker holds the same circuit as the driver."""
+
+    name = SIM_PLUGIN
+
+    def __init__(self, checkpoint: bytes, options: dict, calib: np.ndarray):
+        self.checkpoint, self.options, self.calib = checkpoint, options, calib
+        self.qm = None
+
+    def __getstate__(self):
+        return {"checkpoint": self.checkpoint, "options": self.options, "calib": self.calib}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+    def setup(self, worker):
+        from checkpoints import load_checkpoint
+        from fhe import compile_model
+
+        path = Path(worker.local_directory) / "simulated.pt"
+        path.write_bytes(self.checkpoint)
+        model, _ = load_checkpoint(path)
+        self.qm = compile_model(model, self.calib, CompileOptions(**{**self.options, "checkpoint": str(path)}))
+
+
+def simulate_chunk(feats: np.ndarray) -> np.ndarray:
+    """A worker's task: one fresh simulation of a chunk of clear-part outputs."""
+    from distributed import get_worker
+
+    return get_worker().plugins[SIM_PLUGIN].qm.forward(to_concrete(feats), fhe="simulate")
+
+
+class Simulators:
+    """Draws of fhe="simulate" spread over Dask workers, in chunks of `batch` images; the
+    chunks are sent once and reused by every draw."""
+
+    def __init__(self, client, batch: int):
+        self.client, self.batch = client, batch
+
+    def compile(self, checkpoint, options: CompileOptions, calib: np.ndarray) -> None:
+        """(Re)compile on every worker (a plugin of the same name replaces the previous one)."""
+        self.client.register_plugin(SimulatorPlugin(Path(checkpoint).read_bytes(), asdict(options), to_concrete(calib)))
+
+    def draws(self, feats: np.ndarray, repeats: int, desc: str = "simulate") -> list[np.ndarray]:
+        chunks = self.client.scatter([feats[i : i + self.batch] for i in range(0, len(feats), self.batch)])
+        futures = [[self.client.submit(simulate_chunk, c, pure=False, retries=2) for c in chunks] for _ in range(repeats)]
+        flat = [f for draw in futures for f in draw]
+        for _ in tqdm(as_completed(flat), total=len(flat), desc=f"{desc} x{repeats} on workers", leave=False):
+            pass
+        return [np.concatenate([f.result() for f in draw]) for draw in futures]
+
+
+@contextlib.contextmanager
+def simulators(o: ParallelOptions, batch: int):
+    """Yield Simulators on the workers `o` asks for, or None to simulate in this process."""
+    if not o.workers and not o.scheduler:
+        yield None
+        return
+    with dask_session(o.workers, o.threads_per_worker, o.scheduler) as client:
+        yield Simulators(client, batch)

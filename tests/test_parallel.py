@@ -81,3 +81,30 @@ def test_nothing_sent_to_workers_holds_a_secret_key(tiny_deployed):
     blobs = [b for item in sent for b in (item.values() if isinstance(item, dict) else [item])]
     assert len(blobs) == 4 and all(isinstance(b, bytes) for b in blobs)
     assert_no_secret_key(blobs, client.dir)
+
+
+def test_simulations_on_two_workers_equal_the_in_process_ones(tiny_checkpoint, tiny_data_dir, tmp_path):
+    """Each worker compiles the same circuit as the driver (at a negligible p_error and exact
+    rounding simulation is deterministic), and the draws come back whole and in order."""
+    import infer_vl
+    import p_error_search
+    from fhe import calibration_set, clear_features, compile_options
+    from parallel import ParallelOptions, simulators
+
+    o = ParallelOptions(checkpoint=str(tiny_checkpoint), data_dir=str(tiny_data_dir), p_error=1e-9, rounding_bits=4,
+                        rounding_method="exact", n_calib=40, workers=2)
+    model, _, qm, _ = compile_checkpoint(o)
+    images, labels = data.stack(data.dataset("test", tiny_data_dir))
+    feats = clear_features(model, images)
+    with simulators(o, batch=6) as workers:  # 20 images: chunks of 6, 6, 6, 2
+        workers.compile(o.checkpoint, compile_options(o), calibration_set(model, o))
+        draws = workers.draws(feats, 2)
+    here = qm.forward(feats, fhe="simulate")
+    assert len(draws) == 2 and all(np.array_equal(d, here) for d in draws)
+    # the scripts: infer_vl's draws and p_error_search's on workers, through their command lines
+    args = ["--checkpoint", str(tiny_checkpoint), "--data-dir", str(tiny_data_dir), *TINY_FHE, "--repeats", "2"]
+    assert infer_vl.main(args + ["--workers", "2"])["simulate_spread"] == infer_vl.main(args)["simulate_spread"]
+    r = p_error_search.main(["--checkpoint", str(tiny_checkpoint), "--data-dir", str(tiny_data_dir), "--rounding-bits", "4",
+                             "--rounding-method", "exact", "--n-calib", "40", "--n-images", "20", "--max-iter", "1", "--n-sim", "1",
+                             "--n-validation", "3", "--workers", "2", "--json", str(tmp_path / "s.json")])
+    assert r["validation"]["runs"] == 3 and r["p_error"] > 0
