@@ -26,7 +26,16 @@ def execute(mode: str = "quick", write: bool = False, path: Path = NOTEBOOK):
     if write:
         for cell in nb.cells:
             cell.metadata = {}
-        nbformat.write(nb, path)
+        nbformat.write(strip_progress_bars(nb), path)
+    return nb
+
+
+def strip_progress_bars(nb):
+    """Drop the stderr stream outputs of progress bars (tqdm redraws with carriage returns:
+    dozens of outputs per bar, noise in a stored notebook); other outputs stay."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (o.get("name") == "stderr" and "\r" in o.get("text", ""))]
     return nb
 
 
