@@ -67,12 +67,26 @@ id; decrypt the answer with client.deserialize_decrypt_dequantize(result).
 
 def export_bundle(model, qm, ckpt: dict, settings: dict, out_dir) -> tuple[Path, Path]:
     """The deployment bundle: out/client (client.zip, the clear layer as TorchScript,
-    preprocess.json, a README) and out/server (server.zip only). No key anywhere."""
+    preprocess.json, a README) and out/server (server.zip only). No key anywhere. Written
+    in a staging folder inside out_dir and moved into place only when complete: a failed
+    export leaves an earlier bundle as it was."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        client_dir, server_dir = export(qm, staging)
+        write_client_extras(model, ckpt, settings, client_dir)
+        return replace_dir(client_dir, out_dir / "client"), replace_dir(server_dir, out_dir / "server")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_client_extras(model, ckpt: dict, settings: dict, client_dir: Path) -> None:
+    """The clear layer (TorchScript), preprocess.json and README.md beside client.zip."""
     import torch
 
     import data
 
-    client_dir, server_dir = export(qm, out_dir)
     cfg = ckpt["model_config"]
     size = cfg["image_size"]
     with torch.no_grad():
@@ -83,7 +97,18 @@ def export_bundle(model, qm, ckpt: dict, settings: dict, out_dir) -> tuple[Path,
             "deployment": settings}
     (client_dir / SPEC).write_text(json.dumps(spec, indent=1))
     (client_dir / "README.md").write_text(CLIENT_README)
-    return client_dir, server_dir
+
+
+def replace_dir(new: Path, dest: Path) -> Path:
+    """Move the complete folder `new` to `dest`, replacing what was there (keys included:
+    keys of an earlier circuit do not fit a new one)."""
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 def read_image(path, spec: dict) -> np.ndarray:

@@ -161,3 +161,24 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(bundle, server, tiny_
     assert_no_secret_key(held + [payload, keys_file.read_bytes()], client.dir)
     with pytest.raises(AssertionError):  # and the search does find a secret key where there is one
         assert_no_secret_key([p.read_bytes() for p in (client.dir / "keys").rglob("secretKey_*")], client.dir)
+
+
+def test_a_failed_export_leaves_the_earlier_bundle_as_it_was(bundle, tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch):
+    import deployment
+
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out, ignore=shutil.ignore_patterns("keys", "client_b", "*.bin", "x.pt"))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def fail(*args):
+        raise RuntimeError("tracing failed")
+
+    monkeypatch.setattr(deployment, "write_client_extras", fail)
+    args = ["export", "--checkpoint", str(tiny_checkpoint), "--data-dir", str(tiny_data_dir), *TINY_FHE, "--out", str(out)]
+    with pytest.raises(RuntimeError, match="tracing failed"):
+        deploy.main(args)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # no staging left either
+    monkeypatch.undo()
+    deploy.main(args)  # a complete export replaces it
+    assert sorted(p.name for p in out.iterdir()) == ["client", "server"]
+    assert (out / "client" / "clear_layer.pt").is_file()
