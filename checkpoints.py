@@ -43,13 +43,18 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
-def load_checkpoint(path):
-    """Rebuild the model from the file alone (strict loading). Returns (model in eval mode, checkpoint)."""
-    from models import ModelConfig, SplitNet
+def load_checkpoint(path, teacher_ok: bool = False):
+    """Rebuild the model from the file alone (strict loading). Returns (model in eval mode,
+    checkpoint). A float teacher (kind "teacher", see models.TeacherNet) loads only where
+    teacher_ok: it has no encrypted part, so nothing compiles it."""
+    from models import ModelConfig, SplitNet, TeacherConfig, TeacherNet
 
     ckpt = read_checkpoint(path)
+    is_teacher = ckpt.get("kind") == "teacher"
+    if is_teacher and not teacher_ok:
+        raise UserError(f"{path} is a float teacher network (for train.py --teacher): it has no encrypted part to run under FHE")
     try:
-        model = SplitNet(ModelConfig.from_dict(ckpt["model_config"]))
+        model = TeacherNet(TeacherConfig.from_dict(ckpt["model_config"])) if is_teacher else SplitNet(ModelConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0]

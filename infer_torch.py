@@ -1,4 +1,5 @@
-"""Accuracy of a checkpoint in plain torch (float clear part, fake-quantized encrypted part).
+"""Accuracy of a checkpoint in plain torch (float clear part, fake-quantized encrypted part;
+or a float teacher network).
 
     python infer_torch.py --checkpoint checkpoints/fast.pt [--n-images 1000] [--json out.json]
 """
@@ -31,7 +32,7 @@ class TorchInferConfig:
 
 def main(argv=None) -> dict:
     cfg = parse_config(TorchInferConfig, argv, __doc__.split("\n")[0])
-    model, ckpt = load_checkpoint(cfg.checkpoint)
+    model, ckpt = load_checkpoint(cfg.checkpoint, teacher_ok=True)
     test = data.dataset("test", cfg.data_dir, n=cfg.n_images)
     images, labels = data.stack(test)
     acc = topk_accuracy(torch_logits(model, images), labels)

@@ -117,6 +117,74 @@ TINY = ModelConfig(
 CONFIGS = {"reference": REFERENCE, "fast": FAST, "tiny": TINY}
 
 
+# ---------------------------------------------------------------- the float teacher
+
+
+@dataclass
+class TeacherConfig:
+    """A small float residual network, for knowledge distillation only (train.py --teacher):
+    it never runs under FHE. A stem conv, then one stage per width (the first keeps the image
+    size, each next one halves it), `blocks` residual blocks per stage, global average pooling
+    and a linear classifier."""
+
+    name: str = "resnet"
+    in_channels: int = 3
+    image_size: int = 32
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    blocks: int = 2
+    num_classes: int = 10
+
+    def __post_init__(self):
+        self.widths = list(self.widths)
+        if not self.widths or self.blocks < 1 or min(self.widths) < 1:
+            raise ValueError("invalid teacher config: widths must be non-empty and positive, blocks >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TeacherConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown teacher config field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class TeacherNet(nn.Module):
+    def __init__(self, cfg: TeacherConfig):
+        super().__init__()
+        self.cfg = cfg
+        w0 = cfg.widths[0]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.in_channels, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True)]
+        cin = w0
+        for i, w in enumerate(cfg.widths):
+            for b in range(cfg.blocks):
+                layers.append(ResidualBlock(cin, w, 2 if i > 0 and b == 0 else 1))
+                cin = w
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, cfg.num_classes)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+TEACHERS = {
+    "resnet": TeacherConfig(),
+    "resnet_tiny": TeacherConfig(name="resnet_tiny", widths=[8, 16], blocks=1),  # tests
+}
+
+
 # ---------------------------------------------------------------- quantizers, defined once
 
 

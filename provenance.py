@@ -73,3 +73,14 @@ def write_json(path, obj) -> None:
             f.write("\n")
 
     atomic_write(path, w)
+
+
+def sha256_file(path) -> str:
+    """Hex digest of a file's bytes (names the exact checkpoint a result came from)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

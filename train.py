@@ -2,6 +2,8 @@
 
     python train.py --model fast --epochs 60 --out checkpoints/fast.pt
     python train.py --model fast --epochs 60 --out checkpoints/fast.pt --resume
+    python train.py --model resnet --epochs 30                      # a float teacher
+    python train.py --model fast --teacher checkpoints/resnet.pt    # distilled from it
 
 One line per epoch; a checkpoint every epoch (the self-describing `--out`, plus
 `<out>.state.pt` with the optimizer for --resume). The last `--val-size` training images
@@ -17,20 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 import data
-from checkpoints import INITIAL_DEPLOYMENT, save_checkpoint
+from checkpoints import INITIAL_DEPLOYMENT, load_checkpoint, save_checkpoint
 from cli import UserError, check_output_file, opt, parse_config, run_main
 from provenance import atomic_write, versions
-from models import CONFIGS, SplitNet
+from models import CONFIGS, TEACHERS, SplitNet, TeacherNet
 from pruning import accumulator_bits, apply_pruning, load_pruned_state, pruned_state
 
 
 @dataclass
 class TrainConfig:
-    model: str = opt("fast", "model config to train", choices=sorted(CONFIGS))
+    model: str = opt("fast", "model config to train (split models; resnet*: float teachers for --teacher)", choices=sorted(CONFIGS) + sorted(TEACHERS))
     out: str = opt("", "checkpoint path (default: checkpoints/<model>.pt)")
     epochs: int = opt(60, "number of epochs")
     batch_size: int = opt(128, "images per step")
@@ -44,6 +47,9 @@ class TrainConfig:
     seed: int = opt(0, "random seed")
     threads: int = opt(0, "torch CPU threads (0: torch's default)")
     workers: int = opt(2, "data-loading worker processes")
+    teacher: str | None = opt(None, "distill from this float teacher checkpoint (train one with --model resnet)")
+    distill_alpha: float = opt(0.7, "with --teacher: weight of the teacher's soft targets in the loss (the rest: labels)")
+    distill_temperature: float = opt(4.0, "with --teacher: softmax temperature of the soft targets")
     resume: bool = opt(False, "continue from <out>.state.pt")
     max_steps: int | None = opt(None, "stop each epoch after N steps (smoke tests)")
 
@@ -53,6 +59,12 @@ class TrainConfig:
         self.out = self.out or f"checkpoints/{self.model}.pt"
         check_output_file(self.out, "--out")
         check_output_file(state_path(self.out), "--out")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            raise UserError("--distill-alpha must be in [0, 1] and --distill-temperature > 0")
+        if self.teacher and self.model in TEACHERS:
+            raise UserError(f"--model {self.model} is a teacher: it learns from the labels, not from --teacher")
+        if self.teacher and not Path(self.teacher).is_file():
+            raise UserError(f"--teacher {self.teacher}: no such file")
 
 
 def state_path(out: str) -> Path:
@@ -96,6 +108,28 @@ def read_state(path: Path) -> dict:
     return st
 
 
+def distillation_loss(logits, teacher_logits, labels, alpha: float, temperature: float, ce) -> torch.Tensor:
+    """(1 - alpha) x ce(logits, labels) + alpha x T^2 x KL(teacher || student), both softmaxes
+    at temperature T (Hinton et al., 2015; T^2 keeps the soft term's gradients at the scale
+    of the hard one's)."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True, reduction="batchmean")
+    return (1 - alpha) * ce(logits, labels) + alpha * t * t * soft
+
+
+def load_teacher(path: str) -> tuple[nn.Module, dict]:
+    """The teacher in eval mode, frozen, and what the student's checkpoint records of it."""
+    from provenance import sha256_file
+
+    teacher, ckpt = load_checkpoint(path, teacher_ok=True)
+    if ckpt.get("kind") != "teacher":
+        raise UserError(f"--teacher {path} is a split model; give a float teacher (train.py --model resnet)")
+    for p_ in teacher.parameters():
+        p_.requires_grad_(False)
+    return teacher, {"path": path, "sha256": sha256_file(path), "model": ckpt["model_config"]["name"],
+                     "val_acc": (ckpt.get("metrics") or {}).get("val_acc")}
+
+
 def evaluate(model: nn.Module, loader, desc: str = "eval") -> float:
     model.eval()
     correct = total = 0
@@ -107,14 +141,20 @@ def evaluate(model: nn.Module, loader, desc: str = "eval") -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
+    # loaded before seeding: building it draws initial weights, which would change the student's
+    teacher, teacher_info = load_teacher(cfg.teacher) if cfg.teacher else (None, None)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model_cfg = dataclasses.replace(CONFIGS[cfg.model])
-    if cfg.accumulator_bits is not None:
-        model_cfg.accumulator_bits = cfg.accumulator_bits
-    model = SplitNet(model_cfg)
+    is_teacher = cfg.model in TEACHERS
+    if is_teacher:  # a float network: nothing to prune, no accumulators, never deployed
+        model, bits = TeacherNet(dataclasses.replace(TEACHERS[cfg.model])), 0
+    else:
+        model_cfg = dataclasses.replace(CONFIGS[cfg.model])
+        if cfg.accumulator_bits is not None:
+            model_cfg.accumulator_bits = cfg.accumulator_bits
+        model, bits = SplitNet(model_cfg), model_cfg.accumulator_bits
     resume_state = None
     if cfg.resume:
         sp = state_path(cfg.out)
@@ -126,7 +166,7 @@ def train(cfg: TrainConfig) -> dict:
         load_pruned_state(model, resume_state["model"])
         load_runtime_stats(model, resume_state.get("runtime_stats", {}))
     else:
-        apply_pruning(model, model_cfg.accumulator_bits)
+        apply_pruning(model, bits)
 
     train_ds, val_ds = data.train_val_datasets(cfg.data_dir, cfg.val_size, cfg.n_train)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -159,14 +199,19 @@ def train(cfg: TrainConfig) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         model.train()
-        apply_pruning(model, model_cfg.accumulator_bits)  # re-select the kept weights
+        apply_pruning(model, bits)  # re-select the kept weights
         loss_sum = correct = seen = 0
         bar = tqdm(train_dl, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
         for step, (x, y) in enumerate(bar):
             if step >= steps_per_epoch:
                 break
             out = model(x)
-            loss = loss_fn(out, y)
+            if teacher is None:
+                loss = loss_fn(out, y)
+            else:
+                with torch.no_grad():
+                    soft = teacher(x)  # the same augmented images
+                loss = distillation_loss(out, soft, y, cfg.distill_alpha, cfg.distill_temperature, loss_fn)
             opt_.zero_grad(set_to_none=True)
             loss.backward()
             opt_.step()
@@ -186,11 +231,10 @@ def train(cfg: TrainConfig) -> dict:
         }
         history.append(row)
         print(f"{row['epoch']:>5} {row['loss']:7.4f} {row['train_acc']:6.4f} {row['val_acc']:6.4f} {row['lr']:9.2e} {row['seconds']:6.1f}", flush=True)
-        acc = accumulator_bits(model)
-        save_checkpoint(
-            cfg.out, model, train_config=asdict(cfg), epoch=epoch + 1, metrics=row, history=history, accumulators=acc,
-            deployment=dict(INITIAL_DEPLOYMENT),
-        )
+        kind = {"kind": "teacher"} if is_teacher else {"accumulators": accumulator_bits(model), "deployment": dict(INITIAL_DEPLOYMENT)}
+        if teacher_info:
+            kind["distilled_from"] = teacher_info
+        save_checkpoint(cfg.out, model, train_config=asdict(cfg), epoch=epoch + 1, metrics=row, history=history, **kind)
         st = {
             "model": pruned_state(model),  # weights and pruning masks, to resume exactly
             "runtime_stats": runtime_stats(model),
@@ -205,6 +249,8 @@ def train(cfg: TrainConfig) -> dict:
         }
         atomic_write(state_path(cfg.out), lambda tmp: torch.save(st, tmp))
 
+    if is_teacher:
+        return {"history": history, "out": cfg.out}
     acc = accumulator_bits(model)
     print("worst-case accumulator per encrypted layer (signed bits):")
     for name, r in acc.items():

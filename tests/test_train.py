@@ -53,3 +53,46 @@ def test_one_plus_one_epochs_equal_two(tmp_path, tiny_data_dir):
 def test_resume_without_state_fails_clearly(tmp_path, tiny_data_dir):
     with pytest.raises(UserError, match="no training state"):
         train.main(["--model", "tiny", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "none.pt"), "--resume", "--val-size", "10"])
+
+
+def test_distillation_loss():
+    ce = torch.nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g), torch.arange(8) % 10
+    torch.testing.assert_close(train.distillation_loss(s, t, y, 0.0, 4.0, ce), ce(s, y))  # labels only
+    assert train.distillation_loss(t, t, y, 1.0, 4.0, ce).abs() < 1e-6  # the teacher itself: nothing to learn
+    p_s, p_t = torch.softmax(s / 4, 1), torch.softmax(t / 4, 1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    torch.testing.assert_close(train.distillation_loss(s, t, y, 0.25, 4.0, ce), 0.75 * ce(s, y) + 0.25 * 16 * kl)
+    # its gradient pulls the student's softened outputs toward the teacher's
+    s = s.clone().requires_grad_(True)
+    train.distillation_loss(s, t, y, 1.0, 2.0, ce).backward()
+    with torch.no_grad():
+        p = lambda z: torch.softmax(z / 2.0, 1)  # noqa: E731
+        closer = (p(s - 0.1 * s.grad) - p(t)).abs().sum() < (p(s) - p(t)).abs().sum()
+    assert closer
+
+
+def test_teacher_trains_and_a_student_learns_from_it(tmp_path, tiny_data_dir, tiny_checkpoint):
+    import infer_torch
+
+    args = ["--data-dir", str(tiny_data_dir), "--val-size", "10", "--batch-size", "16", "--workers", "0", "--epochs", "1"]
+    teacher = tmp_path / "teacher.pt"
+    train.main(["--model", "resnet_tiny", "--out", str(teacher)] + args)
+    _, ckpt = load_checkpoint(teacher, teacher_ok=True)
+    assert ckpt["kind"] == "teacher" and "deployment" not in ckpt and "val_acc" in ckpt["metrics"]
+    assert infer_torch.main(["--checkpoint", str(teacher), "--data-dir", str(tiny_data_dir)])["n_images"] > 0
+    with pytest.raises(UserError, match="float teacher"):  # nothing compiles it for FHE
+        load_checkpoint(teacher)
+    # the same student, trained with and without the teacher's soft targets, ends up different
+    train.main(["--model", "tiny", "--out", str(tmp_path / "plain.pt")] + args)
+    train.main(["--model", "tiny", "--out", str(tmp_path / "kd.pt"), "--teacher", str(teacher), "--distill-alpha", "1"] + args)
+    (_, plain), (_, kd) = load_checkpoint(tmp_path / "plain.pt"), load_checkpoint(tmp_path / "kd.pt")
+    assert kd["distilled_from"]["path"] == str(teacher) and len(kd["distilled_from"]["sha256"]) == 64
+    assert "distilled_from" not in plain
+    assert any(not torch.equal(plain["model"][k], kd["model"][k]) for k in plain["model"])
+    for bad, match in ((["--teacher", str(tiny_checkpoint)], "split model"), (["--teacher", str(tmp_path / "no.pt")], "no such file"),
+                       (["--teacher", str(teacher), "--distill-alpha", "2"], "distill-alpha")):
+        with pytest.raises(UserError, match=match):
+            train.main(["--model", "tiny", "--out", str(tmp_path / "bad.pt")] + args + bad)
+    assert not (tmp_path / "bad.pt").exists()
