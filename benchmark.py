@@ -1,22 +1,26 @@
-"""Side-by-side cost and accuracy of the reference and the fast configuration.
+"""The accuracy / latency frontier: every shipped model's cost and accuracy, side by side.
 
-    python benchmark.py [--n-images 1000] [--n-fhe 3] [--json runs/benchmark.json]
+    python benchmark.py [--n-images 1000] [--repeats 3] [--n-fhe 5] [--json runs/benchmark.json] [--plot runs/frontier.png]
+    python benchmark.py --from-json results/benchmark.json --plot results/frontier.png   # table and plot again
 
 For each config (each in its own process, so that peak memory is its own): top-1 in torch
-and in FHE simulation on the first --n-images test images, PBS count per crypto parameter
+and in FHE simulation (mean and sd of --repeats draws) on the first --n-images test images, PBS count per crypto parameter
 set, maximum bit width, key sizes, compile and keygen seconds, peak memory, and FHE seconds
-per image. The FHE time is measured (median over --n-fhe images, through the client /
+per image, and core-seconds per image (seconds x the cores the run had). The FHE time is measured (median over --n-fhe images, through the client /
 server path of fhe_inference.py) where --max-fhe-s allows; otherwise it is ESTIMATED as
 sum(PBS count x per-PBS seconds), each per-PBS cost measured here on a synthetic lookup
 circuit that Concrete compiles to the same (polynomial size, GLWE dimension, level), or the
 closest comparable one scaled by a PBS cost model (see per_pbs_seconds; none comparable: no
 estimate). The estimator also runs on the
-measured configs, to validate it.
+measured configs, to validate it. The frontier table and plot (top-1 against seconds per
+image, log scale) add the published anchors in PUBLISHED, labelled with their hardware: their
+figures, not measured here.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -27,9 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import UserError, opt, parse_config, run_main
+from cli import UserError, check_output_file, opt, parse_config, run_main
 from pbs_cost import estimate_fhe_seconds
 from provenance import provenance, write_json
+
+# Published CIFAR-10 results under FHE with a time per image: their figures, on their hardware.
+PUBLISHED = [
+    {"label": "Concrete ML split example (the reference)", "top1": 0.6234, "seconds": 1738, "hardware": "128-vCPU c6i.metal",
+     "source": "zama-ai/concrete-ml use_case_examples/cifar/cifar_brevitas_with_model_splitting"},
+    {"label": "Concrete ML ternary VGG (CNV 2W2A), 6-bit rounding", "top1": 0.860, "seconds": 40, "hardware": "128-core m6i.metal",
+     "source": "zama-ai/concrete-ml use_case_examples/cifar/cifar_brevitas_training/README.md (top-1 in simulation)"},
+]
 
 # The rows: <checkpoint-dir>/<model>.pt (model: the row's name unless given), compiled with
 # the settings deployed in the checkpoint, except those given here. "reference" is the
@@ -48,18 +60,26 @@ class BenchConfig:
     configs: str = opt("reference,reference_r6,fast", "comma-separated configs to benchmark (see SETTINGS in benchmark.py)")
     checkpoint_dir: str = opt("checkpoints", "folder holding <config>.pt")
     n_images: int = opt(1000, "test images for the torch / simulation top-1")
-    n_fhe: int = opt(3, "images run in real FHE for the measured time (median)")
+    repeats: int = opt(3, "simulation draws for the simulated top-1 (mean and sd)")
+    n_fhe: int = opt(5, "images run in real FHE for the measured time (median)")
     max_fhe_s: float = opt(300.0, "measure FHE only if the estimate per image is below this many seconds")
     data_dir: str | None = opt(None, "CIFAR-10 location (default: $CIFAR10_DIR, else ./data)")
     json: str | None = opt("runs/benchmark.json", "write the table to this JSON file")
+    plot: str | None = opt("runs/frontier.png", "draw top-1 against FHE seconds per image to this PNG")
+    from_json: str | None = opt(None, "print the table and draw the plot from an earlier --json file; run nothing")
     only: str | None = opt(None, "internal: benchmark one config in this process and print JSON")
 
     def __post_init__(self):
         unknown = [c for c in self.configs.split(",") if c not in SETTINGS]
         if unknown or (self.only and self.only not in SETTINGS):
             raise UserError(f"unknown config(s) {unknown or [self.only]}; known: {sorted(SETTINGS)}")
-        if self.n_images < 1 or self.n_fhe < 0:
-            raise UserError("--n-images must be >= 1 and --n-fhe >= 0")
+        if self.n_images < 1 or self.n_fhe < 0 or self.repeats < 1:
+            raise UserError("--n-images and --repeats must be >= 1, --n-fhe >= 0")
+        if self.from_json and not Path(self.from_json).is_file():
+            raise UserError(f"--from-json {self.from_json}: no such file")
+        for path, option in ((None if self.from_json else self.json, "--json"), (self.plot, "--plot")):
+            if path:
+                check_output_file(path, option)
 
 
 # ---------------------------------------------------------------- one config
@@ -78,15 +98,17 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     images, labels = data.stack(data.dataset("test", cfg.data_dir, n=cfg.n_images))
     if Path(o.checkpoint).is_file():
         model, ckpt, qm, report = compile_checkpoint(o)
-        acc = evaluate(model, qm, images, labels)
-        top1 = {"torch_top1": acc["torch"]["top1"], "sim_top1": acc["simulate"]["top1"], "epochs_trained": ckpt.get("epoch")}
+        acc = evaluate(model, qm, images, labels, repeats=cfg.repeats)
+        sim = acc["simulate_spread"]["top1"]
+        top1 = {"torch_top1": acc["torch"]["top1"], "sim_top1": sim["mean"], "sim_top1_sd": sim["sd"], "sim_top1_draws": sim["draws"],
+                "epochs_trained": ckpt.get("epoch")}
     else:
         # No trained checkpoint: the cost columns (PBS, bit widths, crypto parameters, keys,
         # time) do not need one; the accuracy columns do, and stay empty.
         print(f"no {o.checkpoint}: costs from an untrained {name} model at the initial settings, no accuracy")
         resolve_settings(o, {"deployment": INITIAL_DEPLOYMENT})
         model, qm, report = untrained_compiled(model_name, o)
-        top1 = {"torch_top1": None, "sim_top1": None, "epochs_trained": 0}
+        top1 = {"torch_top1": None, "sim_top1": None, "sim_top1_sd": None, "sim_top1_draws": [], "epochs_trained": 0}
     estimate, parts = estimate_fhe_seconds(qm.fhe_circuit.statistics["programmable_bootstrap_count_per_parameter"], cache=False)
     row = {
         "config": name,
@@ -107,6 +129,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         row["fhe_s_measured"] = [t["server"] for _, t, _ in runs]
         row["fhe_s_median"] = float(np.median(row["fhe_s_measured"]))
     row["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    row["cores"] = len(os.sched_getaffinity(0))  # the FHE run (and the per-PBS costs) used all of them
     return row
 
 
@@ -138,6 +161,18 @@ def untrained_compiled(name: str, o):
 # ---------------------------------------------------------------- the table
 
 
+def seconds(row) -> float | None:
+    """FHE seconds per image: measured where the benchmark ran it, else the estimate."""
+    return row.get("fhe_s_median") or row.get("fhe_s_estimate")
+
+
+def fmt_sim(row) -> str:
+    if row["sim_top1"] is None:
+        return "n/a"
+    n = len(row.get("sim_top1_draws") or [1])
+    return f"{row['sim_top1']:.4f} +- {row.get('sim_top1_sd') or 0:.4f} ({n})"
+
+
 def fmt_time(row) -> str:
     if row.get("fhe_s_median") is not None:
         return f"{row['fhe_s_median']:.1f} (measured)"
@@ -150,7 +185,7 @@ def print_table(rows: list[dict]) -> None:
     lines = [
         ("checkpoint epochs", lambda r: str(r["epochs_trained"]) if r["epochs_trained"] else "untrained"),
         ("top-1 torch", lambda r: f"{r['torch_top1']:.4f}" if r["torch_top1"] is not None else "n/a"),
-        ("top-1 simulation", lambda r: f"{r['sim_top1']:.4f}" if r["sim_top1"] is not None else "n/a"),
+        ("top-1 simulation", fmt_sim),
         ("PBS per image", lambda r: f"{r['pbs_count']:,}"),
         ("max bit width", lambda r: str(r["max_bit_width"])),
         ("crypto params (N, k, level: PBS)", lambda r: "; ".join(f"{p['parameters']['polynomial_size']},{p['parameters']['glwe_dimension']},{p['parameters']['level']}: {p['pbs']:,}" for p in r["estimate_parts"])),
@@ -159,6 +194,7 @@ def print_table(rows: list[dict]) -> None:
         ("keygen s", lambda r: f"{r['keygen_seconds']:.1f}" if r.get("keygen_seconds") is not None else "not run"),
         ("peak memory GiB", lambda r: f"{r['peak_memory_gib']:.2f}"),
         ("FHE s / image", fmt_time),
+        ("core-seconds / image", lambda r: f"{seconds(r) * r['cores']:,.0f}" if seconds(r) and r.get("cores") else "n/a"),
         ("estimate s / image", lambda r: f"{r['fhe_s_estimate']:.1f}" if r.get("fhe_s_estimate") is not None else "n/a"),
     ]
     width = max(len(l) for l, _ in lines)
@@ -169,11 +205,57 @@ def print_table(rows: list[dict]) -> None:
         for part in r["estimate_parts"]:
             if part["seconds"] is None:
                 print(f"{r['config']}: {part['pbs']:,} PBS at N={part['parameters']['polynomial_size']}: {part['note']}")
-    t = {r["config"]: r.get("fhe_s_median") or r.get("fhe_s_estimate") for r in rows}
+    t = {r["config"]: seconds(r) for r in rows}
     if t.get("fast"):
-        for name, seconds in t.items():
-            if name != "fast" and seconds:
-                print(f"FHE time ratio {name} / fast: {seconds / t['fast']:,.0f}x")
+        for name, s_ in t.items():
+            if name != "fast" and s_:
+                print(f"FHE time ratio {name} / fast: {s_ / t['fast']:,.0f}x")
+
+
+def print_frontier(rows: list[dict]) -> None:
+    """Ours and the published anchors, fastest first: top-1, seconds and core-seconds per image."""
+    points = [(seconds(r), r["sim_top1"], r.get("cores"), f"{r['config']} (this machine)", "measured" if r.get("fhe_s_median") else "ESTIMATE")
+              for r in rows if seconds(r) and r["sim_top1"] is not None]
+    points += [(a["seconds"], a["top1"], int(a["hardware"].split("-")[0]), f"{a['label']} ({a['hardware']})", "published") for a in PUBLISHED]
+    print("frontier (top-1: simulated, mean of the draws; s / image: FHE, one image):")
+    print(f"  {'model':<72} {'top-1':>6} {'s/image':>9} {'core-s':>9}  time")
+    for s_, top1, cores, label, kind in sorted(points):
+        core_s = f"{s_ * cores:9,.0f}" if cores else f"{'n/a':>9}"
+        print(f"  {label:<72} {top1:6.4f} {s_:9,.1f} {core_s}  {kind}")
+
+
+def plot_frontier(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if not seconds(r) or r["sim_top1"] is None:
+            continue
+        measured = bool(r.get("fhe_s_median"))
+        ax.errorbar(seconds(r), r["sim_top1"], yerr=r.get("sim_top1_sd") or 0, fmt="o", color="C0", capsize=3,
+                    mfc="C0" if measured else "white")
+        ax.annotate(f"{r['config']}{'' if measured else ' (estimated time)'}", (seconds(r), r["sim_top1"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for a in PUBLISHED:
+        ax.plot(a["seconds"], a["top1"], "x", color="C3")
+        ax.annotate(f"{a['label']}\n{a['hardware']} (published)", (a["seconds"], a["top1"]), textcoords="offset points",
+                    xytext=(6, -14), fontsize=7, color="C3")
+    ax.set_xscale("log")
+    xs = [seconds(r) for r in rows if seconds(r)] + [a["seconds"] for a in PUBLISHED]
+    ax.set_xlim(min(xs) / 2, max(xs) * 5)  # room for the labels
+    ax.set_xlabel("FHE seconds per image (log scale)")
+    n = sorted({r["n_images"] for r in rows})
+    ax.set_ylabel(f"CIFAR-10 top-1, simulated (ours: first {'/'.join(map(str, n))} test images)", fontsize=8)
+    ax.set_title("Accuracy against FHE latency; ours: 2 cores of this machine (filled: measured)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 def main(argv=None) -> list[dict] | dict:
@@ -182,10 +264,20 @@ def main(argv=None) -> list[dict] | dict:
         row = bench_one(cfg.only, cfg)
         print("BENCH_ROW " + json.dumps(row, default=str))
         return row
+    if cfg.from_json:
+        saved = json.loads(Path(cfg.from_json).read_text())
+        rows = saved["rows"]
+        for r in rows:  # files written before rows carried their cores: the run's machine
+            r.setdefault("cores", saved.get("hardware", {}).get("cores"))
+        print_table(rows)
+        print_frontier(rows)
+        if cfg.plot:
+            plot_frontier(rows, cfg.plot)
+        return rows
     rows = []
     for name in cfg.configs.split(","):
         print(f"--- {name}: {SETTINGS[name]}", flush=True)  # a few minutes each
-        args = [sys.executable, __file__, "--only", name, "--n-images", str(cfg.n_images), "--n-fhe", str(cfg.n_fhe),
+        args = [sys.executable, __file__, "--only", name, "--n-images", str(cfg.n_images), "--n-fhe", str(cfg.n_fhe), "--repeats", str(cfg.repeats),
                 "--max-fhe-s", str(cfg.max_fhe_s), "--checkpoint-dir", cfg.checkpoint_dir]
         if cfg.data_dir:
             args += ["--data-dir", cfg.data_dir]
@@ -195,8 +287,11 @@ def main(argv=None) -> list[dict] | dict:
             raise UserError(f"benchmark of {name} failed:\n{proc.stderr.strip()[-2000:]}")
         rows.append(json.loads(found[-1][len("BENCH_ROW "):]))
     print_table(rows)
+    print_frontier(rows)
     if cfg.json:
-        write_json(cfg.json, {"rows": rows, **provenance(cfg)})
+        write_json(cfg.json, {"rows": rows, "published": PUBLISHED, **provenance(cfg)})
+    if cfg.plot:
+        plot_frontier(rows, cfg.plot)
     return rows
 
 

@@ -13,6 +13,7 @@ import torch
 
 import data
 import fhe_inference
+from cli import UserError
 from conftest import SHARED, needs_dataset
 from fhe import CompileOptions, clear_features, compile_checkpoint, evaluate, quantized_logits
 from p_error_search import bisect_log
@@ -207,3 +208,27 @@ def test_shipped_fast_model_under_real_fhe(tmp_path):
     sim_logits = np.array(row["sim_logits"].split(), dtype=float)
     # approximate rounding and p_error make both noisy, but they are the same computation
     assert np.corrcoef(fhe_logits, sim_logits)[0, 1] > 0.9
+
+
+def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tmp_path, capsys):
+    import benchmark
+
+    out, plot = tmp_path / "bench.json", tmp_path / "frontier.png"
+    args = ["--configs", "tiny", "--checkpoint-dir", str(tiny_checkpoint.parent), "--data-dir", str(tiny_data_dir),
+            "--n-images", "20", "--repeats", "2", "--n-fhe", "1", "--json", str(out), "--plot", str(plot)]
+    (row,) = benchmark.main(args)
+    assert len(row["sim_top1_draws"]) == 2 and row["sim_top1"] == pytest.approx(np.mean(row["sim_top1_draws"]))
+    assert row["fhe_s_median"] > 0 and row["cores"] >= 1 and row["n_images"] == 20
+    printed = capsys.readouterr().out
+    assert f"{row['fhe_s_median'] * row['cores']:,.0f}" in printed.split("core-seconds / image")[1].splitlines()[0]
+    frontier = [l for l in printed.split("frontier")[1].splitlines()[2:] if l.startswith("  ")]
+    assert [l.split()[0] for l in frontier if "this machine" in l] == ["tiny"]
+    assert sum("published" in l for l in frontier) == len(benchmark.PUBLISHED)
+    secs = [float(l.split()[-3].replace(",", "")) for l in frontier]
+    assert secs == sorted(secs)  # fastest first
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot.unlink()
+    assert benchmark.main(["--from-json", str(out), "--plot", str(plot)]) == json.loads(out.read_text())["rows"]
+    assert plot.is_file()
+    with pytest.raises(UserError, match="no such file"):
+        benchmark.main(["--from-json", str(tmp_path / "none.json")])
