@@ -51,6 +51,8 @@ SETTINGS = {
     "reference": {"p_error": 0.05, "rounding_bits": 0},
     "reference_r6": {"model": "reference"},
     "fast": {},
+    "fast10": {},  # frontier candidates (models.py): costs from an untrained model until trained
+    "accurate": {},
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
 }
 

@@ -235,21 +235,25 @@ def compile_checkpoint(o: CompileOptions):
     return model, ckpt, qm, {**cost_report(qm, compile_s), "settings": settings}
 
 
-def evaluate(model, qm, images, labels, batch: int = 200, repeats: int = 1, draw=None) -> dict:
+def evaluate(model, qm, images, labels, batch: int = 200, repeats: int = 1, submit=None) -> dict:
     """Top-k of torch, fhe="disable" and `repeats` draws of fhe="simulate" on the same images;
     the clear layer runs once. "simulate" holds the first draw, "simulate_spread" all of them.
-    draw(feats, repeats) -> list of logits, when given, makes the draws elsewhere (Dask workers)."""
+    submit(feats, repeats) -> collect, when given, makes the draws elsewhere (Dask workers,
+    parallel.Simulators.submit): they run while this process does torch and "disable", and
+    collect() returns their logits."""
     from metrics import paired_difference, spread, topk_accuracy
 
     feats = clear_features(model, images)
+    collect = submit(feats, repeats) if submit is not None else None
     t_logits = torch_logits(model, images)
-    if draw is not None:
-        draws = draw(feats, repeats)
+    disable = quantized_logits(qm, feats, "disable", batch, "disable")
+    if collect is not None:
+        draws = collect()
     else:
         draws = [quantized_logits(qm, feats, "simulate", batch, f"simulate {k + 1}/{repeats}") for k in range(repeats)]
     acc = {
         "torch": topk_accuracy(t_logits, labels),
-        "disable": topk_accuracy(quantized_logits(qm, feats, "disable", batch, "disable"), labels),
+        "disable": topk_accuracy(disable, labels),
         "simulate": topk_accuracy(draws[0], labels),
     }
     per_draw = [topk_accuracy(d, labels) for d in draws]

@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     with simulators(cfg, cfg.batch_size) as workers:  # None: the draws run in this process
         if workers:
             workers.compile(cfg.checkpoint, compile_options(cfg), calibration_set(model, cfg))
-        acc = evaluate(model, qm, images, labels, cfg.batch_size, cfg.repeats, draw=workers.draws if workers else None)
+        acc = evaluate(model, qm, images, labels, cfg.batch_size, cfg.repeats, submit=workers.submit if workers else None)
     print(f"{ckpt['model_config']['name']} checkpoint {cfg.checkpoint}, {len(labels)} test images")
     for k in ("torch", "disable"):
         print(format_topk(k, acc[k]))

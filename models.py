@@ -98,6 +98,13 @@ FAST = ModelConfig(
     accumulator_bits=0,  # no pruning: rounded table lookups keep the PBS precision low instead
 )
 
+# Candidates for the frontier (issue 12), screened by PBS count before any training; not yet
+# trained or shipped. fast10: the fast model's encrypted conv narrowed to 48 channels and its
+# hidden linear to 64 (842 PBS: about 10 s at the fast model's per-PBS cost). accurate: the
+# clear conv keeps 16 x 16 and two strided encrypted convs bring it to 4 x 4 (4,746 PBS).
+FAST10 = dataclasses.replace(FAST, name="fast10", convs=[(48, 3, 2, 1, 0)], fcs=[64])
+ACCURATE = dataclasses.replace(FAST, name="accurate", clear_pool=2, convs=[(48, 3, 2, 1, 0), (96, 3, 2, 1, 0)], fcs=[128])
+
 # A few hundred parameters: for tests and smoke runs (real FHE in seconds).
 TINY = ModelConfig(
     name="tiny",
@@ -114,7 +121,7 @@ TINY = ModelConfig(
     accumulator_bits=10,
 )
 
-CONFIGS = {"reference": REFERENCE, "fast": FAST, "tiny": TINY}
+CONFIGS = {"reference": REFERENCE, "fast": FAST, "fast10": FAST10, "accurate": ACCURATE, "tiny": TINY}
 
 
 # ---------------------------------------------------------------- the float teacher
@@ -130,7 +137,7 @@ class TeacherConfig:
     name: str = "resnet"
     in_channels: int = 3
     image_size: int = 32
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])
     blocks: int = 2
     num_classes: int = 10
 

@@ -184,13 +184,22 @@ class Simulators:
         """(Re)compile on every worker (a plugin of the same name replaces the previous one)."""
         self.client.register_plugin(SimulatorPlugin(Path(checkpoint).read_bytes(), asdict(options), to_concrete(calib)))
 
-    def draws(self, feats: np.ndarray, repeats: int, desc: str = "simulate") -> list[np.ndarray]:
+    def submit(self, feats: np.ndarray, repeats: int, desc: str = "simulate"):
+        """Start `repeats` draws on the workers and return at once a function that waits for
+        them and returns their logits, in order (the caller works meanwhile)."""
         chunks = self.client.scatter([feats[i : i + self.batch] for i in range(0, len(feats), self.batch)])
         futures = [[self.client.submit(simulate_chunk, c, pure=False, retries=2) for c in chunks] for _ in range(repeats)]
-        flat = [f for draw in futures for f in draw]
-        for _ in tqdm(as_completed(flat), total=len(flat), desc=f"{desc} x{repeats} on workers", leave=False):
-            pass
-        return [np.concatenate([f.result() for f in draw]) for draw in futures]
+
+        def collect() -> list[np.ndarray]:
+            flat = [f for draw in futures for f in draw]
+            for _ in tqdm(as_completed(flat), total=len(flat), desc=f"{desc} x{repeats} on workers", leave=False):
+                pass
+            return [np.concatenate([f.result() for f in draw]) for draw in futures]
+
+        return collect
+
+    def draws(self, feats: np.ndarray, repeats: int, desc: str = "simulate") -> list[np.ndarray]:
+        return self.submit(feats, repeats, desc)()
 
 
 @contextlib.contextmanager

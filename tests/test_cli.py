@@ -50,7 +50,10 @@ def bad_cases(a_file, tmp_path):
     return [
         (train, ["--epochs", "two"], "invalid int value"),
         (train, ["--epochs", "0"], "--epochs"),
-        (train, ["--model", "resnet"], "invalid choice"),
+        (train, ["--model", "resnet50"], "invalid choice"),
+        (train, ["--teacher", "/nonexistent.pt"], "no such file"),
+        (train, ["--teacher", str(a_file), "--distill-temperature", "0"], "--distill-temperature"),
+        (train, ["--model", "resnet", "--teacher", str(a_file)], "is a teacher"),
         (train, ["--out", f"{a_file}/m.pt"], "is a file, not a folder"),
         (train, ["--model", "tiny", "--out", str(tmp_path / "t.pt"), "--resume"], "cannot read the training state"),
         (infer_torch, ["--n-images", "0"], "--n-images"),
@@ -70,6 +73,9 @@ def bad_cases(a_file, tmp_path):
         (p_error_search, ["--lower", "0.5", "--upper", "0.1"], "--lower"),
         (p_error_search, ["--json", f"{a_file}/r.json"], "is a file, not a folder"),
         (benchmark, ["--configs", "resnet"], "unknown config"),
+        (benchmark, ["--repeats", "0"], "--repeats"),
+        (benchmark, ["--from-json", "/nonexistent.json"], "no such file"),
+        (benchmark, ["--plot", f"{a_file}/f.png"], "is a file, not a folder"),
     ]
 
 
