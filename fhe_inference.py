@@ -52,6 +52,7 @@ class FHEConfig(ParallelOptions):
     start: int = opt(0, "index of the first test image")
     out_dir: str = opt("runs/fhe", "where predictions.csv, metadata.json, client/ and server/ go")
     yes: bool = opt(False, "run even when the estimated time is above an hour")
+    summary_only: bool = opt(False, "print the statistics of the images already in --out-dir and store them in its metadata.json; run nothing")
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,7 +119,8 @@ def print_summary(s: dict) -> None:
     lo, hi = s["fhe_top1_ci95"]
     d_sim, d_torch = s["fhe_minus_sim"], s["fhe_minus_torch"]
     se = lambda d: f" +- {100 * d['standard_error']:.2f}" if d["standard_error"] is not None else ""  # noqa: E731
-    print(f"{s['n_images']} images: FHE top-1 {s['fhe_top1']:.4f} (95 % CI {lo:.4f}-{hi:.4f}), "
+    partial = f" (partial: {s['n_images']} of {s['images_requested']} requested)" if not s.get("complete", True) else ""
+    print(f"{s['n_images']} images{partial}: FHE top-1 {s['fhe_top1']:.4f} (95 % CI {lo:.4f}-{hi:.4f}), "
           f"simulation {s['sim_top1']:.4f}, torch {s['torch_top1']:.4f}")
     print(f"FHE - simulation {100 * d_sim['diff']:+.2f}{se(d_sim)} points, FHE - torch {100 * d_torch['diff']:+.2f}{se(d_torch)} points (paired standard errors)")
     print(f"agreement: FHE = simulation on {s['fhe_sim_agreement']:.1%} of images"
@@ -152,6 +154,12 @@ def main(argv=None) -> dict:
     out = Path(cfg.out_dir)
     csv_path, meta_path = out / "predictions.csv", out / "metadata.json"
     check_resume(meta_path, cfg)
+    if cfg.summary_only:  # e.g. a run still going, or cut off: its statistics so far
+        rows = read_done(csv_path)
+        if not rows or not meta_path.is_file():
+            raise UserError(f"{out} holds no finished image (predictions.csv and metadata.json)")
+        meta = json.loads(meta_path.read_text())
+        return store_summary(meta, meta_path, rows)
     test = data.dataset("test", cfg.data_dir, n=cfg.n_images, start=cfg.start)
     done = {int(r["index"]) for r in read_done(csv_path)}
     todo = [i for i in range(len(test)) if int(test.indices[i]) not in done]
@@ -175,7 +183,15 @@ def main(argv=None) -> dict:
             writer.writeheader()
         run_images(test, todo, client, qm, model, submit, writer, f, in_flight=2 * max(1, cfg.workers) if not cfg.scheduler else 64)
 
-    summary = summarize(read_done(csv_path))
+    return store_summary(meta, meta_path, read_done(csv_path))
+
+
+def store_summary(meta: dict, meta_path: Path, rows: list[dict]) -> dict:
+    """The statistics of the finished rows, printed and written into metadata.json, saying how
+    many of the requested images they cover."""
+    summary = summarize(rows)
+    summary["images_requested"] = meta["config"]["n_images"]
+    summary["complete"] = summary["n_images"] >= summary["images_requested"]
     meta["summary"] = summary
     write_json(meta_path, meta)
     print_summary(summary)

@@ -123,6 +123,15 @@ def test_real_fhe_client_server_equals_simulation(tiny_checkpoint, tiny_data_dir
 
     with pytest.raises(UserError, match="other settings"):
         fhe_inference.main(base + ["--p-error", "1e-6", "--rounding-bits", "4", "--rounding-method", "exact", "--n-calib", "40"])
+    # the statistics of a run cut off after 2 of its 3 images, without running anything
+    lines = (out / "predictions.csv").read_text().splitlines(keepends=True)
+    (out / "predictions.csv").write_text("".join(lines[:3]))
+    part = fhe_inference.main(base + TINY_FHE + ["--summary-only"])
+    assert (part["n_images"], part["images_requested"], part["complete"]) == (2, 3, False)
+    assert json.loads((out / "metadata.json").read_text())["summary"] == json.loads(json.dumps(part))
+    assert "partial: 2 of 3 requested" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no finished image"):
+        fhe_inference.main(args[:-len(TINY_FHE)] + TINY_FHE + ["--summary-only", "--out-dir", str(tmp_path / "empty")])
 
 
 def test_search_finds_a_known_threshold():
