@@ -205,7 +205,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{label:<{width}}  " + "  ".join(f"{get(r):>24}" for r in rows))
     for r in rows:
         for part in r["estimate_parts"]:
-            if part["seconds"] is None:
+            if part.get("note"):
                 print(f"{r['config']}: {part['pbs']:,} PBS at N={part['parameters']['polynomial_size']}: {part['note']}")
     t = {r["config"]: seconds(r) for r in rows}
     if t.get("fast"):

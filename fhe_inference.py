@@ -139,6 +139,9 @@ def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
     if per_image is None:
         print("estimated FHE time: not available for these crypto parameters (see benchmark.py)")
         return {"per_image_s": None}
+    for part in parts:
+        if part.get("note"):
+            print(f"per-PBS cost at N={part['parameters']['polynomial_size']}: {part['note']}")
     total = per_image * n_todo / parallel
     print(f"estimated FHE time: {per_image:.1f} s per image on this machine ({report['pbs_count']:,} PBS), "
           f"{total / 3600:.2f} h for {n_todo} images on {parallel} server(s)", flush=True)

@@ -206,6 +206,24 @@ def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
     assert cost["seconds"] is None and cost["matched"] is None and "not estimated" in cost["note"]
 
 
+def test_per_pbs_cost_is_cached_only_when_measured_on_an_idle_machine(monkeypatch):
+    """A measurement taken while other work runs is slow; cached, it would inflate every later
+    estimate on this machine (as a cached cost once put the fast model at 63 s, not 38 s)."""
+    import os
+
+    import pbs_cost
+
+    calls = []
+    monkeypatch.setattr(pbs_cost, "_per_pbs_seconds", lambda items, n: calls.append(items) or {"seconds": 0.01})
+    target = dict(polynomial_size=2048, glwe_dimension=1, level=2, input_lwe_dimension=769, base_log=15)
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    busy = pbs_cost.per_pbs_seconds(target)
+    assert busy["seconds"] == 0.01 and "busy" in busy["note"] and not pbs_cost._cache_path().exists()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert pbs_cost.per_pbs_seconds(target) == {"seconds": 0.01} and len(calls) == 2  # measured again, and kept
+    assert pbs_cost.per_pbs_seconds(target) == {"seconds": 0.01} and len(calls) == 2  # from the cache
+
+
 @needs_dataset
 @pytest.mark.slow
 def test_shipped_fast_model_under_real_fhe(tmp_path):
