@@ -161,8 +161,10 @@ def train(cfg: TrainConfig) -> dict:
         if not sp.is_file():
             raise UserError(f"--resume: no training state at {sp}")
         resume_state = read_state(sp)
-        if resume_state["train_config"]["model"] != cfg.model:
-            raise UserError(f"--resume: {sp} trains model {resume_state['train_config']['model']!r}, not {cfg.model!r}")
+        for key in ("model", "teacher", "distill_alpha", "distill_temperature"):  # what the run learns from
+            was = resume_state["train_config"].get(key, getattr(TrainConfig, key))
+            if was != getattr(cfg, key):
+                raise UserError(f"--resume: {sp} was trained with --{key.replace('_', '-')} {was}, not {getattr(cfg, key)}")
         load_pruned_state(model, resume_state["model"])
         load_runtime_stats(model, resume_state.get("runtime_stats", {}))
     else:
@@ -231,10 +233,10 @@ def train(cfg: TrainConfig) -> dict:
         }
         history.append(row)
         print(f"{row['epoch']:>5} {row['loss']:7.4f} {row['train_acc']:6.4f} {row['val_acc']:6.4f} {row['lr']:9.2e} {row['seconds']:6.1f}", flush=True)
-        kind = {"kind": "teacher"} if is_teacher else {"accumulators": accumulator_bits(model), "deployment": dict(INITIAL_DEPLOYMENT)}
+        extra = {"kind": "teacher"} if is_teacher else {"accumulators": accumulator_bits(model), "deployment": dict(INITIAL_DEPLOYMENT)}
         if teacher_info:
-            kind["distilled_from"] = teacher_info
-        save_checkpoint(cfg.out, model, train_config=asdict(cfg), epoch=epoch + 1, metrics=row, history=history, **kind)
+            extra["distilled_from"] = teacher_info
+        save_checkpoint(cfg.out, model, train_config=asdict(cfg), epoch=epoch + 1, metrics=row, history=history, **extra)
         st = {
             "model": pruned_state(model),  # weights and pruning masks, to resume exactly
             "runtime_stats": runtime_stats(model),

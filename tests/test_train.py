@@ -91,6 +91,8 @@ def test_teacher_trains_and_a_student_learns_from_it(tmp_path, tiny_data_dir, ti
     assert kd["distilled_from"]["path"] == str(teacher) and len(kd["distilled_from"]["sha256"]) == 64
     assert "distilled_from" not in plain
     assert any(not torch.equal(plain["model"][k], kd["model"][k]) for k in plain["model"])
+    with pytest.raises(UserError, match="was trained with --teacher"):  # a resume keeps learning from the same teacher
+        train.main(["--model", "tiny", "--out", str(tmp_path / "kd.pt"), "--resume"] + args[:-1] + ["2"])
     for bad, match in ((["--teacher", str(tiny_checkpoint)], "split model"), (["--teacher", str(tmp_path / "no.pt")], "no such file"),
                        (["--teacher", str(teacher), "--distill-alpha", "2"], "distill-alpha")):
         with pytest.raises(UserError, match=match):
