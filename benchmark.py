@@ -70,7 +70,8 @@ class BenchConfig:
     data_dir: str | None = opt(None, "CIFAR-10 location (default: $CIFAR10_DIR, else ./data)")
     json: str | None = opt("runs/benchmark.json", "write the table to this JSON file")
     plot: str | None = opt("runs/frontier.png", "draw top-1 against FHE seconds per image to this PNG")
-    from_json: str | None = opt(None, "print the table and draw the plot from an earlier --json file; run nothing")
+    from_json: str | None = opt(None, "print the table and draw the plot from earlier --json files (comma-separated: "
+                                      "their rows side by side, each with its own images and draws); run nothing")
     only: str | None = opt(None, "internal: benchmark one config in this process and print JSON")
 
     def __post_init__(self):
@@ -79,8 +80,9 @@ class BenchConfig:
             raise UserError(f"unknown config(s) {unknown or [self.only]}; known: {sorted(SETTINGS)}")
         if self.n_images < 1 or self.n_fhe < 0 or self.repeats < 1:
             raise UserError("--n-images and --repeats must be >= 1, --n-fhe >= 0")
-        if self.from_json and not Path(self.from_json).is_file():
-            raise UserError(f"--from-json {self.from_json}: no such file")
+        missing = [f for f in (self.from_json or "").split(",") if f and not Path(f).is_file()]
+        if missing:
+            raise UserError(f"--from-json: no such file: {', '.join(missing)}")
         for path, option in ((None if self.from_json else self.json, "--json"), (self.plot, "--plot")):
             if path:
                 check_output_file(path, option)
@@ -188,6 +190,8 @@ def fmt_time(row) -> str:
 def print_table(rows: list[dict]) -> None:
     lines = [
         ("checkpoint epochs", lambda r: str(r["epochs_trained"]) if r["epochs_trained"] else "untrained"),
+        ("test images (top-1)", lambda r: f"{r['n_images']:,}"),
+        ("p_error / rounding bits", lambda r: f"{r['settings']['p_error']} / {r['settings']['rounding_bits']}"),
         ("top-1 torch", lambda r: f"{r['torch_top1']:.4f}" if r["torch_top1"] is not None else "n/a"),
         ("top-1 simulation", fmt_sim),
         ("PBS per image", lambda r: f"{r['pbs_count']:,}"),
@@ -213,7 +217,8 @@ def print_table(rows: list[dict]) -> None:
     if t.get("fast"):
         for name, s_ in t.items():
             if name != "fast" and s_:
-                print(f"FHE time ratio {name} / fast: {s_ / t['fast']:,.0f}x")
+                ratio = s_ / t["fast"]
+                print(f"FHE time ratio {name} / fast: {ratio:,.0f}x" if ratio >= 10 else f"FHE time ratio {name} / fast: {ratio:.2f}x")
 
 
 def print_frontier(rows: list[dict]) -> None:
@@ -221,7 +226,8 @@ def print_frontier(rows: list[dict]) -> None:
     points = [(seconds(r), r["sim_top1"], r.get("cores"), f"{r['config']} (this machine)", "measured" if r.get("fhe_s_median") else "ESTIMATE")
               for r in rows if seconds(r) and r["sim_top1"] is not None]
     points += [(a["seconds"], a["top1"], a["cores"], f"{a['label']} ({a['hardware']})", "published") for a in PUBLISHED]
-    print("frontier (top-1: simulated, mean of the draws; s / image: FHE, one image):")
+    print("frontier (top-1: simulated, mean of the draws; s/image: FHE seconds to classify one image, "
+          "our median where measured, else our estimate; core-s: s/image x cores used):")
     print(f"  {'model':<72} {'top-1':>6} {'s/image':>9} {'core-s':>9}  time")
     for s_, top1, cores, label, kind in sorted(points):
         core_s = f"{s_ * cores:9,.0f}" if cores else f"{'n/a':>9}"
@@ -277,10 +283,12 @@ def main(argv=None) -> list[dict] | dict:
         print("BENCH_ROW " + json.dumps(row, default=str))
         return row
     if cfg.from_json:
-        saved = json.loads(Path(cfg.from_json).read_text())
-        rows = saved["rows"]
-        for r in rows:  # files written before rows carried their cores: the run's machine
-            r.setdefault("cores", saved.get("hardware", {}).get("cores"))
+        rows = []
+        for path in cfg.from_json.split(","):
+            saved = json.loads(Path(path).read_text())
+            for r in saved["rows"]:  # files written before rows carried their cores: the run's machine
+                r.setdefault("cores", saved.get("hardware", {}).get("cores"))
+                rows.append(r)
         show(rows, cfg.plot)
         return rows
     rows = []

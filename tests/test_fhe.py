@@ -257,5 +257,10 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     plot.unlink()
     assert benchmark.main(["--from-json", str(out), "--plot", str(plot)]) == json.loads(out.read_text())["rows"]
     assert plot.is_file()
+    # rows of two result files side by side, each keeping its own images and draws
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(out.read_text()), "rows": [{**row, "config": "tiny_again", "n_images": 7}]}))
+    both = benchmark.main(["--from-json", f"{out},{other}", "--plot", str(plot)])
+    assert [(r["config"], r["n_images"]) for r in both] == [("tiny", 20), ("tiny_again", 7)]
     with pytest.raises(UserError, match="no such file"):
         benchmark.main(["--from-json", str(tmp_path / "none.json")])
