@@ -71,7 +71,7 @@ class BenchConfig:
     json: str | None = opt("runs/benchmark.json", "write the table to this JSON file")
     plot: str | None = opt("runs/frontier.png", "draw top-1 against FHE seconds per image to this PNG")
     from_json: str | None = opt(None, "print the table and draw the plot from earlier --json files (comma-separated: "
-                                      "their rows side by side, each with its own images and draws); run nothing")
+                                      "their rows side by side, a config in several files taken from the last); run nothing")
     only: str | None = opt(None, "internal: benchmark one config in this process and print JSON")
 
     def __post_init__(self):
@@ -283,12 +283,13 @@ def main(argv=None) -> list[dict] | dict:
         print("BENCH_ROW " + json.dumps(row, default=str))
         return row
     if cfg.from_json:
-        rows = []
+        by_config = {}  # a config in several files: the last file's row, in the place of the first
         for path in cfg.from_json.split(","):
             saved = json.loads(Path(path).read_text())
             for r in saved["rows"]:  # files written before rows carried their cores: the run's machine
                 r.setdefault("cores", saved.get("hardware", {}).get("cores"))
-                rows.append(r)
+                by_config[r["config"]] = r
+        rows = list(by_config.values())
         show(rows, cfg.plot)
         return rows
     rows = []

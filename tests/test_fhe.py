@@ -262,5 +262,9 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     other.write_text(json.dumps({**json.loads(out.read_text()), "rows": [{**row, "config": "tiny_again", "n_images": 7}]}))
     both = benchmark.main(["--from-json", f"{out},{other}", "--plot", str(plot)])
     assert [(r["config"], r["n_images"]) for r in both] == [("tiny", 20), ("tiny_again", 7)]
+    rerun = tmp_path / "rerun.json"  # the same config measured again: the later file's row replaces it
+    rerun.write_text(json.dumps({**json.loads(out.read_text()), "rows": [{**row, "n_images": 9}]}))
+    assert [(r["config"], r["n_images"]) for r in benchmark.main(["--from-json", f"{out},{other},{rerun}", "--plot", str(plot)])] == [
+        ("tiny", 9), ("tiny_again", 7)]
     with pytest.raises(UserError, match="no such file"):
         benchmark.main(["--from-json", str(tmp_path / "none.json")])
