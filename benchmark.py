@@ -179,6 +179,12 @@ def fmt_sim(row) -> str:
     return f"{row['sim_top1']:.4f} +- {row.get('sim_top1_sd') or 0:.4f} ({n})"
 
 
+def fmt_setting(row) -> str:
+    s = row["settings"]
+    p = f"{s['p_error']:.3g}" if s.get("p_error") is not None else f"global {s['global_p_error']:.3g}"
+    return f"{p} / {s['rounding_bits']}"
+
+
 def fmt_time(row) -> str:
     if row.get("fhe_s_median") is not None:
         return f"{row['fhe_s_median']:.1f} (measured)"
@@ -191,7 +197,7 @@ def print_table(rows: list[dict]) -> None:
     lines = [
         ("checkpoint epochs", lambda r: str(r["epochs_trained"]) if r["epochs_trained"] else "untrained"),
         ("test images (top-1)", lambda r: f"{r['n_images']:,}"),
-        ("p_error / rounding bits", lambda r: f"{r['settings']['p_error']} / {r['settings']['rounding_bits']}"),
+        ("p_error / rounding bits", fmt_setting),
         ("top-1 torch", lambda r: f"{r['torch_top1']:.4f}" if r["torch_top1"] is not None else "n/a"),
         ("top-1 simulation", fmt_sim),
         ("PBS per image", lambda r: f"{r['pbs_count']:,}"),
