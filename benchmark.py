@@ -53,7 +53,8 @@ SETTINGS = {
     "reference": {"p_error": 0.05, "rounding_bits": 0},
     "reference_r6": {"model": "reference"},
     "fast": {},
-    "fast10": {},  # frontier candidates (models.py): costs from an untrained model until trained
+    "fast10": {},
+    # frontier candidate (models.py) not trained yet: costs from an untrained model, no accuracy
     "accurate": {},
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
 }
@@ -61,7 +62,8 @@ SETTINGS = {
 
 @dataclass
 class BenchConfig:
-    configs: str = opt("reference,reference_r6,fast", "comma-separated configs to benchmark (see SETTINGS in benchmark.py)")
+    configs: str = opt("reference,reference_r6,fast,fast10",
+                       "comma-separated configs to benchmark (see SETTINGS in benchmark.py); the default: every shipped model")
     checkpoint_dir: str = opt("checkpoints", "folder holding <config>.pt")
     n_images: int = opt(1000, "test images for the torch / simulation top-1")
     repeats: int = opt(3, "simulation draws for the simulated top-1 (mean and sd)")
