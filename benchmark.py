@@ -54,8 +54,7 @@ SETTINGS = {
     "reference_r6": {"model": "reference"},
     "fast": {},
     "fast10": {},
-    # frontier candidate (models.py) not trained yet: costs from an untrained model, no accuracy
-    "accurate": {},
+    "accurate": {},  # a frontier candidate (models.py) not trained yet: costs from an untrained model
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
 }
 
@@ -226,7 +225,7 @@ def print_table(rows: list[dict]) -> None:
         for name, s_ in t.items():
             if name != "fast" and s_:
                 ratio = s_ / t["fast"]
-                print(f"FHE time ratio {name} / fast: {ratio:,.0f}x" if ratio >= 10 else f"FHE time ratio {name} / fast: {ratio:.2f}x")
+                print(f"FHE time ratio {name} / fast: {ratio:,.{0 if ratio >= 10 else 2}f}x")
 
 
 def print_frontier(rows: list[dict]) -> None:
