@@ -103,13 +103,16 @@ FAST = ModelConfig(
 # hidden linear to 64 (842 PBS: about 10 s at the fast model's per-PBS cost). accurate: the
 # clear conv keeps 16 x 16 and two strided encrypted convs bring it to 4 x 4 (4,746 PBS).
 FAST10 = dataclasses.replace(FAST, name="fast10", convs=[(48, 3, 2, 1, 0)], fcs=[64])
+# fast10w: fast10 behind a wider clear conv (256 channels, 5 x 5): the same 842 PBS, since the
+# clear layer is free under FHE; only the encrypted conv's multiply-adds double (still fewer than fast's).
+FAST10W = dataclasses.replace(FAST10, name="fast10w", clear_conv=(256, 5, 1, 2))
 ACCURATE = dataclasses.replace(FAST, name="accurate", clear_pool=2, convs=[(48, 3, 2, 1, 0), (96, 3, 2, 1, 0)], fcs=[128])
 
 # A few hundred parameters: for tests and smoke runs (real FHE in seconds). The fast model's
 # layout, narrowed; pruned so that its accumulators fit 10 bits (tests of the bound).
 TINY = dataclasses.replace(FAST, name="tiny", clear_conv=(8, 3, 1, 1), split_bits=3, convs=[(8, 3, 2, 1, 0)], fcs=[16], accumulator_bits=10)
 
-CONFIGS = {"reference": REFERENCE, "fast": FAST, "fast10": FAST10, "accurate": ACCURATE, "tiny": TINY}
+CONFIGS = {"reference": REFERENCE, "fast": FAST, "fast10": FAST10, "fast10w": FAST10W, "accurate": ACCURATE, "tiny": TINY}
 
 
 # ---------------------------------------------------------------- the float teacher
