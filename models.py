@@ -99,8 +99,8 @@ FAST = ModelConfig(
 )
 
 # Candidates for the frontier (issue 12), screened by PBS count before any training (fast10
-# is trained and shipped, fast10w in training, accurate untrained). fast10: the fast model's encrypted conv narrowed to 48 channels and its
-# hidden linear to 64 (842 PBS: about 10 s at the fast model's per-PBS cost). accurate: the
+# is trained and shipped, fast10w in training, accurate untrained). fast10: the fast model's
+# encrypted conv narrowed to 48 channels and its hidden linear to 64 (842 PBS: about 10 s at the fast model's per-PBS cost). accurate: the
 # clear conv keeps 16 x 16 and two strided encrypted convs bring it to 4 x 4 (4,746 PBS).
 FAST10 = dataclasses.replace(FAST, name="fast10", convs=[(48, 3, 2, 1, 0)], fcs=[64])
 # fast10w: fast10 behind a wider clear conv (256 channels, 5 x 5): the same 842 PBS, since the
