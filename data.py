@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from provenance import atomic_write
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SPLITS = ("train", "test")
 MEAN = STD = (0.5, 0.5, 0.5)  # the reference's Normalize
@@ -162,13 +164,17 @@ def _read_archive(archive: Path, split: str) -> Cifar10Arrays:
     cached.parent.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
         arrays = _decode(per_split[s], str(archive))
-        # write to a temporary name and rename, so an interrupted run leaves no half cache
-        tmp = _archive_cache_path(archive, s).with_suffix(".tmp.npz")
-        np.savez(tmp, images=arrays.images, labels=arrays.labels)
-        tmp.replace(_archive_cache_path(archive, s))
+        # a temporary name of this process's own, then a rename: an interrupted run leaves no
+        # half cache, and two processes decoding at once do not take each other's file
+        atomic_write(_archive_cache_path(archive, s), lambda tmp: _save_npz(tmp, arrays))
         if s == split:
             result = arrays
     return result
+
+
+def _save_npz(path: str, arrays: Cifar10Arrays) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a bare name
+        np.savez(f, images=arrays.images, labels=arrays.labels)
 
 
 def _download(root: Path, split: str) -> Cifar10Arrays:

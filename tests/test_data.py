@@ -44,6 +44,25 @@ def test_archive_is_decoded_once(archive_dir, monkeypatch):
     assert calls == [] and (again.images == first.images).all()
 
 
+def test_two_processes_decoding_one_archive_at_once_both_succeed(archive_dir, monkeypatch, tmp_path):
+    """Two runs started together on a fresh machine both decode the archive and write its cache.
+    Here the second one runs entirely while the first is writing its cache file: neither may
+    take the other's temporary file (a shared name made the first fail to rename)."""
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path / "fresh-cache"))
+    real_savez, other = np.savez, {}
+
+    def savez_then_other_process(*args, **kwargs):
+        real_savez(*args, **kwargs)
+        if "started" not in other:
+            other["started"] = True
+            other["test"] = data.load_split("test", archive_dir)
+
+    monkeypatch.setattr(np, "savez", savez_then_other_process)
+    first = data.load_split("train", archive_dir)
+    assert len(first.labels) == 10 * N_PER_CLASS["train"] and len(other["test"].labels) == 10 * N_PER_CLASS["test"]
+    assert sorted(p.name.split("-")[-1] for p in data.cache_dir().iterdir()) == ["test.npz", "train.npz"]
+
+
 def test_corrupt_archive_is_a_clear_error(tmp_path):
     (tmp_path / "broken.tar.gz").write_bytes(b"\x1f\x8b\x08 this is not a tarball")
     with pytest.raises(data.DataError, match="cannot read archive"):
