@@ -62,7 +62,7 @@ SETTINGS = {
 
 @dataclass
 class BenchConfig:
-    configs: str = opt("reference,reference_r6,fast,fast10",
+    configs: str = opt("reference,reference_r6,fast,fast10,fast10w",
                        "comma-separated configs to benchmark (see SETTINGS in benchmark.py); the default: every shipped model")
     checkpoint_dir: str = opt("checkpoints", "folder holding <config>.pt")
     n_images: int = opt(1000, "test images for the torch / simulation top-1")
