@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import deployment, load_checkpoint, save_checkpoint
 from cli import UserError
 from models import CONFIGS, FAST, REFERENCE, TINY, ModelConfig, SplitNet
 from pruning import accumulator_bits, apply_pruning
@@ -115,3 +117,25 @@ def test_pruning_bounds_the_worst_case_accumulator(bits):
     # and the bound is not vacuous: without pruning the reference layers are far wider
     unpruned = accumulator_bits(SplitNet(REFERENCE))
     assert max(r["bits"] for r in unpruned.values()) > bits
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted(p for p in (ROOT / "checkpoints").glob("*.pt") if not p.name.endswith(".state.pt"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_checkpoint_describes_itself(path):
+    """Every committed checkpoint rebuilds from its file alone as the config of its name in
+    models.CONFIGS (a config edited after training would not deploy what was measured) and
+    carries a complete deployed setting whose results files are committed."""
+    model, ckpt = load_checkpoint(path)
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    assert cfg == CONFIGS[cfg.name], f"{path}: models.CONFIGS[{cfg.name!r}] changed since it was trained"
+    d = deployment(ckpt, path)
+    assert 0 < d["p_error"] < 1 and d["rounding_bits"] in range(0, 9)
+    named = re.findall(r"results/[\w./-]*\w", d.get("source", ""))
+    assert named and all((ROOT / n).exists() for n in named), f"{path}: its deployment names {named}"
+
+
+def test_every_shipped_model_is_found():
+    assert {p.stem for p in SHIPPED} >= {"fast", "reference"}
