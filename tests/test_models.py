@@ -128,7 +128,7 @@ def test_shipped_checkpoint_describes_itself(path):
     """Every committed checkpoint rebuilds from its file alone as the config of its name in
     models.CONFIGS (a config edited after training would not deploy what was measured) and
     carries a complete deployed setting whose results files are committed."""
-    model, ckpt = load_checkpoint(path)
+    _, ckpt = load_checkpoint(path)  # strict: every weight matches the config the file names
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     assert cfg == CONFIGS[cfg.name], f"{path}: models.CONFIGS[{cfg.name!r}] changed since it was trained"
     d = deployment(ckpt, path)
