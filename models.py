@@ -98,13 +98,14 @@ FAST = ModelConfig(
     accumulator_bits=0,  # no pruning: rounded table lookups keep the PBS precision low instead
 )
 
-# Candidates for the frontier (issue 12), screened by PBS count before any training (fast10
-# is trained and shipped, fast10w in training, accurate untrained). fast10: the fast model's
-# encrypted conv narrowed to 48 channels and its hidden linear to 64 (842 PBS: about 10 s at the fast model's per-PBS cost). accurate: the
-# clear conv keeps 16 x 16 and two strided encrypted convs bring it to 4 x 4 (4,746 PBS).
+# Candidates for the frontier (issue 12), screened by PBS count before any training (fast10 and
+# fast10w are trained and shipped, accurate is not trained). fast10: the fast model's encrypted
+# conv narrowed to 48 channels and its hidden linear to 64 (842 PBS). accurate: the clear conv
+# keeps 16 x 16 and two strided encrypted convs bring it to 4 x 4 (4,746 PBS).
 FAST10 = dataclasses.replace(FAST, name="fast10", convs=[(48, 3, 2, 1, 0)], fcs=[64])
 # fast10w: fast10 behind a wider clear conv (256 channels, 5 x 5): the same 842 PBS, since the
-# clear layer is free under FHE; only the encrypted conv's multiply-adds double (still fewer than fast's).
+# clear layer is free under FHE; only the encrypted conv's multiply-adds double (fewer than
+# fast's). 1.5 points above fast10 at about the same FHE time (README, "Side by side").
 FAST10W = dataclasses.replace(FAST10, name="fast10w", clear_conv=(256, 5, 1, 2))
 ACCURATE = dataclasses.replace(FAST, name="accurate", clear_pool=2, convs=[(48, 3, 2, 1, 0), (96, 3, 2, 1, 0)], fcs=[128])
 
