@@ -11,7 +11,7 @@ import torch
 
 from checkpoints import deployment, load_checkpoint, save_checkpoint
 from cli import UserError
-from models import CONFIGS, FAST, REFERENCE, TINY, ModelConfig, SplitNet
+from models import CONFIGS, FAST, REFERENCE, TEACHERS, TINY, ModelConfig, SplitNet, TeacherConfig
 from pruning import accumulator_bits, apply_pruning
 
 
@@ -127,8 +127,12 @@ SHIPPED = sorted(p for p in (ROOT / "checkpoints").glob("*.pt") if not p.name.en
 def test_shipped_checkpoint_describes_itself(path):
     """Every committed checkpoint rebuilds from its file alone as the config of its name in
     models.CONFIGS (a config edited after training would not deploy what was measured) and
-    carries a complete deployed setting whose results files are committed."""
-    _, ckpt = load_checkpoint(path)  # strict: every weight matches the config the file names
+    carries a complete deployed setting whose results files are committed. A float teacher
+    (never deployed) only has to rebuild as its TEACHERS config."""
+    _, ckpt = load_checkpoint(path, teacher_ok=True)  # strict: every weight matches the config the file names
+    if ckpt.get("kind") == "teacher":
+        assert TeacherConfig.from_dict(ckpt["model_config"]) in TEACHERS.values()
+        return
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     assert cfg == CONFIGS[cfg.name], f"{path}: models.CONFIGS[{cfg.name!r}] changed since it was trained"
     d = deployment(ckpt, path)
