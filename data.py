@@ -161,7 +161,6 @@ def _read_archive(archive: Path, split: str) -> Cifar10Arrays:
         if not per_split[s]:
             raise DataError(f"archive {archive} holds no {s}/<class>/<image> files")
     result = None
-    cached.parent.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
         arrays = _decode(per_split[s], str(archive))
         # a temporary name of this process's own, then a rename: an interrupted run leaves no
