@@ -117,15 +117,16 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         resolve_settings(o, {"deployment": INITIAL_DEPLOYMENT})
         model, qm, report = untrained_compiled(model_name, o)
         top1 = {"torch_top1": None, "sim_top1": None, "sim_top1_sd": None, "sim_top1_draws": [], "epochs_trained": 0}
-    estimate, parts = estimate_fhe_seconds(qm.fhe_circuit.statistics["programmable_bootstrap_count_per_parameter"], cache=False)
+    estimate, parts, linear = estimate_fhe_seconds(qm.fhe_circuit.statistics, cache=False)
     row = {
         "config": name,
         "settings": {**settings, **{k: getattr(o, k) for k in ("p_error", "global_p_error", "rounding_bits", "rounding_method")}},
         **top1,
         "n_images": len(labels),
-        **{k: report[k] for k in ("pbs_count", "pbs_per_parameter", "max_bit_width", "key_sizes", "compile_seconds")},
+        **{k: report[k] for k in ("pbs_count", "pbs_per_parameter", "multiply_add_count", "max_bit_width", "key_sizes", "compile_seconds")},
         "fhe_s_estimate": estimate,
         "estimate_parts": parts,
+        "estimate_multiply_adds": linear,
     }
     if cfg.n_fhe and estimate is not None and estimate <= cfg.max_fhe_s:
         with tempfile.TemporaryDirectory() as tmp:
@@ -195,6 +196,12 @@ def fmt_time(row) -> str:
     return "n/a"
 
 
+def fmt_linear(row) -> str:
+    """The estimate's multiply-add term (rows from before it existed: n/a)."""
+    s_ = (row.get("estimate_multiply_adds") or {}).get("seconds")
+    return f"{s_:.1f}" if s_ is not None else "n/a"
+
+
 def print_table(rows: list[dict]) -> None:
     lines = [
         ("checkpoint epochs", lambda r: str(r["epochs_trained"]) if r["epochs_trained"] else "untrained"),
@@ -203,6 +210,7 @@ def print_table(rows: list[dict]) -> None:
         ("top-1 torch", lambda r: f"{r['torch_top1']:.4f}" if r["torch_top1"] is not None else "n/a"),
         ("top-1 simulation", fmt_sim),
         ("PBS per image", lambda r: f"{r['pbs_count']:,}"),
+        ("multiply-adds per image", lambda r: f"{r['multiply_add_count']:,}" if "multiply_add_count" in r else "n/a"),
         ("max bit width", lambda r: str(r["max_bit_width"])),
         ("crypto params (N, k, level: PBS)", lambda r: "; ".join(f"{p['parameters']['polynomial_size']},{p['parameters']['glwe_dimension']},{p['parameters']['level']}: {p['pbs']:,}" for p in r["estimate_parts"])),
         ("keys (MiB)", lambda r: f"{r['key_sizes']['total_bytes'] / 2**20:,.0f}"),
@@ -212,6 +220,7 @@ def print_table(rows: list[dict]) -> None:
         ("FHE s / image", fmt_time),
         ("core-seconds / image", lambda r: f"{seconds(r) * r['cores']:,.0f}" if seconds(r) and r.get("cores") else "n/a"),
         ("estimate s / image", lambda r: f"{r['fhe_s_estimate']:.1f}" if r.get("fhe_s_estimate") is not None else "n/a"),
+        ("  of which multiply-adds", fmt_linear),
     ]
     width = max(len(l) for l, _ in lines)
     print(f"{'':<{width}}  " + "  ".join(f"{r['config']:>24}" for r in rows))
@@ -221,6 +230,8 @@ def print_table(rows: list[dict]) -> None:
         for part in r["estimate_parts"]:
             if part.get("note"):
                 print(f"{r['config']}: {part['pbs']:,} PBS at N={part['parameters']['polynomial_size']}: {part['note']}")
+        if (r.get("estimate_multiply_adds") or {}).get("note"):
+            print(f"{r['config']}: {r['estimate_multiply_adds']['note']}")
     t = {r["config"]: seconds(r) for r in rows}
     if t.get("fast"):
         for name, s_ in t.items():

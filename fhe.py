@@ -195,6 +195,7 @@ def cost_report(qm, compile_s: float | None = None, keygen_s: float | None = Non
         "pbs_count": int(s["programmable_bootstrap_count"]),
         "pbs_per_parameter": per_param,
         "key_switch_count": int(s["key_switch_count"]),
+        "multiply_add_count": int(s["clear_multiplication_count"]),
         "complexity": float(s["complexity"]),
         "key_sizes": key_sizes(qm),
         "p_error": s.get("p_error"),
@@ -208,7 +209,7 @@ def print_report(r: dict) -> None:
     print(f"max integer bit width {r['max_bit_width']} (accumulators; lookups read them rounded if --rounding-bits is set)")
     for name, layer in r["layers"].items():
         print(f"  {name:<40} {layer['bit_width']:>3} bits  range {layer['range']}")
-    print(f"PBS {r['pbs_count']}  key switches {r['key_switch_count']}")
+    print(f"PBS {r['pbs_count']}  key switches {r['key_switch_count']}  multiply-adds {r['multiply_add_count']:,}")
     for param, n in r["pbs_per_parameter"].items():
         print(f"  {n:>7} x {param}")
     ks = r["key_sizes"]

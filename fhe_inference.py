@@ -134,7 +134,7 @@ def print_summary(s: dict) -> None:
 def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
     """Print the estimated FHE time before any key generation; refuse a run of more than an
     hour without --yes."""
-    per_image, parts = estimate_fhe_seconds(qm.fhe_circuit.statistics["programmable_bootstrap_count_per_parameter"])
+    per_image, parts, linear = estimate_fhe_seconds(qm.fhe_circuit.statistics)
     parallel = max(1, cfg.workers)
     if per_image is None:
         print("estimated FHE time: not available for these crypto parameters (see benchmark.py)")
@@ -142,12 +142,15 @@ def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
     for part in parts:
         if part.get("note"):
             print(f"per-PBS cost at N={part['parameters']['polynomial_size']}: {part['note']}")
+    if linear.get("note"):
+        print(linear["note"])
     total = per_image * n_todo / parallel
-    print(f"estimated FHE time: {per_image:.1f} s per image on this machine ({report['pbs_count']:,} PBS), "
+    print(f"estimated FHE time: {per_image:.1f} s per image on this machine ({report['pbs_count']:,} PBS, "
+          f"{linear['multiply_adds']:,} multiply-adds), "
           f"{total / 3600:.2f} h for {n_todo} images on {parallel} server(s)", flush=True)
     if total > CONFIRM_ABOVE_S and not cfg.yes and n_todo:
         raise UserError(f"this run is estimated at {total / 3600:.1f} h: pass --yes to run it (or fewer --n-images)")
-    return {"per_image_s": per_image, "run_s": total, "parts": parts}
+    return {"per_image_s": per_image, "run_s": total, "parts": parts, "multiply_adds": linear}
 
 
 def main(argv=None) -> dict:

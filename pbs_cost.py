@@ -1,10 +1,13 @@
-"""The cost of one programmable bootstrap (PBS) at given crypto parameters, measured on this
-machine, and the FHE time of a circuit estimated from it: sum(PBS count x per-PBS seconds).
+"""The cost of one programmable bootstrap (PBS) and of one ciphertext multiply-add at given
+crypto parameters, measured on this machine, and the FHE time of a circuit estimated from
+them: sum(PBS count x per-PBS seconds) + multiply-adds x seconds per multiply-add.
 
-Each per-PBS cost is measured on a synthetic lookup circuit that Concrete compiles to the
-same (polynomial size, GLWE dimension, level), or the closest comparable one scaled by a PBS
-cost model (see per_pbs_seconds; none comparable: no estimate). benchmark.py validates the
-estimate against measured FHE times; fhe_inference.py prints it before a real-FHE run.
+Each cost is measured on a synthetic circuit that Concrete compiles to the same (polynomial
+size, GLWE dimension, level), or the closest comparable one scaled by a PBS cost model (see
+per_pbs_seconds; none comparable: no estimate): table lookups alone for the PBS, the same
+lookups behind an encrypted-by-clear matrix product for the multiply-add (the difference of
+the two). benchmark.py validates the estimate against measured FHE times; fhe_inference.py
+prints it before a real-FHE run.
 """
 
 from __future__ import annotations
@@ -27,21 +30,32 @@ def param_dict(p) -> dict:
     return {k: int(getattr(p, k)()) for k in ("polynomial_size", "glwe_dimension", "input_lwe_dimension", "level", "base_log")}
 
 
-def synthetic_circuit(bits: int, p_error: float, n: int):
-    """n independent table lookups on `bits`-bit encrypted inputs: PBS and nothing else."""
+def synthetic_circuit(bits: int, p_error: float, n: int, m: int = 0):
+    """n independent table lookups on `bits`-bit encrypted inputs: PBS and nothing else; with
+    m > 0, each lookup reads a product of m encrypted inputs with a clear (m, n) matrix (m x n
+    multiply-adds). The matrix's first row is ones and the other inputs are zero in the
+    inputset, so the lookups' inputs keep `bits` bits (and the circuit its crypto parameters)."""
     from concrete import fhe
 
     table = fhe.LookupTable([(i * 5 + 1) % 16 for i in range(2**bits)])
-    compiler = fhe.Compiler(lambda x: table[x], {"x": "encrypted"})
-    inputset = [np.arange(n) % 2**bits, np.full(n, 2**bits - 1)]
+    if m == 0:
+        compiler = fhe.Compiler(lambda x: table[x], {"x": "encrypted"})
+        inputset = [np.arange(n) % 2**bits, np.full(n, 2**bits - 1)]
+    else:
+        w = np.random.default_rng(0).integers(-3, 4, (m, n))
+        w[0] = 1
+        compiler = fhe.Compiler(lambda x: table[x @ w], {"x": "encrypted"})
+        inputset = [np.eye(1, m, dtype=np.int64)[0] * v for v in range(2**bits)]
     return compiler.compile(inputset, fhe.Configuration(p_error=p_error))
 
 
 def pbs_cost_model(p: dict) -> float:
-    """Relative cost of one PBS: n blind-rotation steps, each `level` decompositions of (k+1)
-    polynomials times (k+1) FFT products of size N."""
+    """Relative cost of one PBS: n blind-rotation steps, each (k+1) x level forward FFTs of
+    size N (the decomposed accumulator), (k+1)^2 x level products in the Fourier domain, and
+    (k+1) inverse FFTs. The inverse FFTs do not grow with the level, so level 2 counts about
+    1.5 times level 1 (an earlier model counted twice, and overestimated level-2 circuits)."""
     n_, lvl, k, N = p["input_lwe_dimension"], p["level"], p["glwe_dimension"], p["polynomial_size"]
-    return n_ * lvl * (k + 1) ** 2 * N * math.log2(N)
+    return n_ * (k + 1) * ((lvl + 1) * N * math.log2(N) + (k + 1) * lvl * N)
 
 
 # Above 10 bits Concrete compiles a synthetic lookup to another kind of bootstrap (small
@@ -99,9 +113,10 @@ def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
     return cost
 
 
-# Cached costs carry this version: 2 = fastest of TIMED_RUNS runs, measured only on an idle
+# Cached costs carry this version. 2 = fastest of TIMED_RUNS runs, measured only on an idle
 # machine (version 1 kept one run, whatever else was running, and overestimated by up to 2x).
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: with the multiply-add cost
+MULTIPLY_ADD_ROWS = 16  # the multiply-add circuit's product has 16 n rows: 16 n^2 multiply-adds
 BUSY_LOAD = 0.25  # 1-minute load average per core above which the machine counts as busy
 TIMED_RUNS = 3
 
@@ -142,25 +157,59 @@ def _measure(target: dict, n: int) -> dict:
     key_bytes = sum(int(circuit.statistics[f"size_of_{k}"]) for k in ("bootstrap_keys", "keyswitch_keys"))
     if key_bytes > KEY_LIMIT_BYTES:
         return {"matched": got, "seconds": None, "note": f"keys {key_bytes / 2**30:.1f} GiB: not measured"}
-    circuit.keygen()
-    x = circuit.encrypt(np.arange(n) % 2**bits)
-    circuit.run(x)  # warm-up
-    runs = []
-    for _ in range(TIMED_RUNS):  # the fastest: least disturbed by anything else
-        t0 = time.perf_counter()
-        circuit.run(x)
-        runs.append((time.perf_counter() - t0) / n)
-    measured = min(runs)
+    lookups = _fastest_run(circuit, np.arange(n) % 2**bits)
     scale = pbs_cost_model(target) / pbs_cost_model(got)
-    return {"matched": got, "match_tier": tier, "measured_seconds": measured, "seconds": measured * scale, "bits": bits, "p_error": p_error}
+    out = {"matched": got, "match_tier": tier, "measured_seconds": lookups / n, "seconds": lookups / n * scale, "bits": bits, "p_error": p_error}
+    return {**out, **_multiply_add_seconds(bits, p_error, n, got, lookups, target)}
 
 
-def estimate_fhe_seconds(pbs_per_parameter: dict, cache: bool = True) -> tuple[float | None, list]:
-    """Seconds per image from a circuit's statistics["programmable_bootstrap_count_per_parameter"]
-    (None when a parameter set has no comparable synthetic circuit), and the parts."""
+def _fastest_run(circuit, x) -> float:
+    """Seconds of the fastest of TIMED_RUNS runs (the least disturbed by anything else), after
+    a key generation and a warm-up run."""
+    circuit.keygen()
+    enc = circuit.encrypt(x)
+    circuit.run(enc)
+    runs = []
+    for _ in range(TIMED_RUNS):
+        t0 = time.perf_counter()
+        circuit.run(enc)
+        runs.append(time.perf_counter() - t0)
+    return min(runs)
+
+
+def _multiply_add_seconds(bits: int, p_error: float, n: int, got: dict, lookups_s: float, target: dict) -> dict:
+    """Seconds per multiply-add (clear weight x ciphertext, added to an encrypted sum): the
+    lookup circuit behind a product with MULTIPLY_ADD_ROWS x n inputs, less the lookups alone,
+    per multiply-add; scaled to the target by the ciphertexts' size (k x N + 1 numbers)."""
+    m = MULTIPLY_ADD_ROWS * n
+    circuit = synthetic_circuit(bits, p_error, n, m)
+    (param,) = circuit.statistics["programmable_bootstrap_count_per_parameter"]
+    if param_dict(param) != got:
+        return {"multiply_add_seconds": None, "multiply_add_note": "the product changed the crypto parameters: not measured"}
+    x = np.eye(1, m, dtype=np.int64)[0] * (2**bits - 1)
+    measured = max(0.0, _fastest_run(circuit, x) - lookups_s) / (m * n)
+    size = lambda p: p["glwe_dimension"] * p["polynomial_size"] + 1  # noqa: E731
+    return {"multiply_add_measured_seconds": measured, "multiply_add_seconds": measured * size(target) / size(got)}
+
+
+def estimate_fhe_seconds(statistics: dict, cache: bool = True) -> tuple[float | None, list, dict]:
+    """Seconds per image from a circuit's statistics (None when a parameter set has no
+    comparable synthetic circuit), the PBS parts, and the multiply-add term. A circuit's
+    multiply-adds run on ciphertexts of its different parameter sets; each part's
+    per-multiply-add cost is weighted by its share of the PBS."""
     total, parts = 0.0, []
-    for param, count in pbs_per_parameter.items():
+    for param, count in statistics["programmable_bootstrap_count_per_parameter"].items():
         cost = per_pbs_seconds(param_dict(param), cache=cache)
         parts.append({"parameters": param_dict(param), "pbs": int(count), **cost})
         total = None if total is None or cost["seconds"] is None else total + count * cost["seconds"]
-    return total, parts
+    count = int(statistics["clear_multiplication_count"])
+    pbs = sum(p["pbs"] for p in parts)
+    each = [p.get("multiply_add_seconds") for p in parts]
+    linear = {"multiply_adds": count, "seconds_each": None, "seconds": None}
+    if parts and None not in each:
+        linear["seconds_each"] = sum(p["pbs"] * e for p, e in zip(parts, each)) / pbs
+        linear["seconds"] = count * linear["seconds_each"]
+        total = None if total is None else total + linear["seconds"]
+    elif count:
+        linear["note"] = "the multiply-add cost was not measured: the estimate counts the PBS only"
+    return total, parts, linear

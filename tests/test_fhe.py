@@ -184,12 +184,30 @@ def test_shipped_reference_checkpoint_simulation():
 def test_per_pbs_estimator_matches_parameters_and_measures():
     from pbs_cost import param_dict, per_pbs_seconds, synthetic_circuit
 
-    circuit = synthetic_circuit(5, 0.05, 16)
+    circuit = synthetic_circuit(5, 0.05, 32)
     (param,) = circuit.statistics["programmable_bootstrap_count_per_parameter"]
     target = param_dict(param)
-    cost = per_pbs_seconds(target, n=16, cache=False)
+    cost = per_pbs_seconds(target, n=32, cache=False)
     assert cost["matched"]["polynomial_size"] == target["polynomial_size"] and cost["matched"]["level"] == target["level"]
     assert 0 < cost["seconds"] < 10
+    # one multiply-add costs something, and far less than a PBS (a few k x N additions)
+    assert 0 < cost["multiply_add_seconds"] < cost["seconds"] / 20
+
+
+def test_estimate_adds_the_multiply_adds_to_the_lookups(monkeypatch):
+    import pbs_cost
+    from pbs_cost import estimate_fhe_seconds, synthetic_circuit
+
+    circuit = synthetic_circuit(5, 0.05, 4, m=8)
+    stats = circuit.statistics
+    assert stats["clear_multiplication_count"] == 32 and stats["programmable_bootstrap_count"] == 4
+    monkeypatch.setattr(pbs_cost, "per_pbs_seconds", lambda p, cache: {"seconds": 0.5, "multiply_add_seconds": 0.01})
+    total, parts, linear = estimate_fhe_seconds(stats)
+    assert [p["pbs"] for p in parts] == [4] and linear["multiply_adds"] == 32
+    assert linear["seconds"] == pytest.approx(0.32) and total == pytest.approx(4 * 0.5 + 0.32)
+    monkeypatch.setattr(pbs_cost, "per_pbs_seconds", lambda p, cache: {"seconds": 0.5, "multiply_add_seconds": None})
+    total, _, linear = estimate_fhe_seconds(stats)
+    assert total == pytest.approx(2.0) and "PBS only" in linear["note"]
 
 
 def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
