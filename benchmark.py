@@ -3,18 +3,18 @@
     python benchmark.py [--n-images 1000] [--repeats 3] [--n-fhe 5] [--json runs/benchmark.json] [--plot runs/frontier.png]
     python benchmark.py --from-json results/benchmark.json --plot results/frontier.png   # table and plot again
 
-For each config (each in its own process, so that peak memory is its own): top-1 in torch
-and in FHE simulation (mean and sd of --repeats draws) on the first --n-images test images, PBS count per crypto parameter
-set, maximum bit width, key sizes, compile and keygen seconds, peak memory, and FHE seconds
-per image, and core-seconds per image (seconds x the cores the run had). The FHE time is measured (median over --n-fhe images, through the client /
-server path of fhe_inference.py) where --max-fhe-s allows; otherwise it is ESTIMATED as
-sum(PBS count x per-PBS seconds), each per-PBS cost measured here on a synthetic lookup
-circuit that Concrete compiles to the same (polynomial size, GLWE dimension, level), or the
-closest comparable one scaled by a PBS cost model (see per_pbs_seconds; none comparable: no
-estimate). The estimator also runs on the
-measured configs, to validate it. The frontier table and plot (top-1 against seconds per
-image, log scale) add the published anchors in PUBLISHED, labelled with their hardware: their
-figures, not measured here.
+For each config (each in its own process, so that peak memory is its own): top-1 in torch and
+in FHE simulation (mean and sd of --repeats draws) on the first --n-images test images, PBS
+count per crypto parameter set, multiply-adds, maximum bit width, key sizes, compile and
+keygen seconds, peak memory, FHE seconds per image, and core-seconds per image (seconds x the
+cores the run had). The FHE time is measured (median over --n-fhe images, through the client /
+server path of fhe_inference.py) where --max-fhe-s allows; otherwise it is ESTIMATED
+(pbs_cost.py) as sum(PBS count x per-PBS seconds) + multiply-adds x seconds per multiply-add,
+each cost measured here on a synthetic circuit that Concrete compiles to the same (polynomial
+size, GLWE dimension, level), or the closest comparable one scaled by a PBS cost model (none
+comparable: no estimate). The estimator also runs on the measured configs, to validate it. The
+frontier table and plot (top-1 against seconds per image, log scale) add the published anchors
+in PUBLISHED, labelled with their hardware: their figures, not measured here.
 """
 
 from __future__ import annotations
