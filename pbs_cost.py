@@ -89,7 +89,8 @@ def match_tier(candidate: dict, target: dict) -> int | None:
 
 
 def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
-    """The per-PBS cost at the target parameters: measured once per process and parameter
+    """The per-PBS cost at the target parameters ("seconds"; and per multiply-add,
+    "multiply_add_seconds"): measured once per process and parameter
     set, and with cache=True kept on disk for this machine, thread count and Concrete version
     (fhe_inference.py's estimate then costs nothing after the first run)."""
     if not cache:
@@ -141,8 +142,9 @@ def _per_pbs_seconds(target_items: tuple, n: int) -> dict:
 def _measure(target: dict, n: int) -> dict:
     """Measure one PBS on the synthetic circuit whose parameters best stand for the target's
     (see match_tier; among equals, the nearest in the cost model) and scale the time by the
-    cost model's ratio: an estimate, validated in the benchmark on the configs whose FHE time
-    is measured. No comparable circuit: seconds is None, and the row says so."""
+    cost model's ratio, and one multiply-add on the same circuit behind a product: an estimate,
+    validated in the benchmark on the configs whose FHE time is measured. No comparable
+    circuit: seconds is None, and the row says so."""
     scored = []
     for items, bits, pe in synthetic_candidates(n):
         cand = dict(items)
