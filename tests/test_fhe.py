@@ -264,7 +264,11 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     (row,) = benchmark.main(args)
     assert len(row["sim_top1_draws"]) == 2 and row["sim_top1"] == pytest.approx(np.mean(row["sim_top1_draws"]))
     assert row["fhe_s_median"] > 0 and row["cores"] >= 1 and row["n_images"] == 20
+    linear = row["estimate_multiply_adds"]  # the tiny model's encrypted conv and linear layers
+    assert linear["multiply_adds"] == row["multiply_add_count"] > 0 and linear["seconds"] > 0
+    assert row["fhe_s_estimate"] == pytest.approx(sum(p["pbs"] * p["seconds"] for p in row["estimate_parts"]) + linear["seconds"])
     printed = capsys.readouterr().out
+    assert f"{row['multiply_add_count']:,}" in printed.split("multiply-adds per image")[1].splitlines()[0]
     assert f"{row['fhe_s_median'] * row['cores']:,.0f}" in printed.split("core-seconds / image")[1].splitlines()[0]
     frontier = [l for l in printed.split("frontier")[1].splitlines()[2:] if l.startswith("  ")]
     assert [l.split()[0] for l in frontier if "this machine" in l] == ["tiny"]
