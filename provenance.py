@@ -1,5 +1,5 @@
-"""What every result file carries (command, config, library versions, hardware) and atomic
-writes, so that an interrupted run never leaves a half-written file."""
+"""What every result file carries (command, config, the code's git commit, library versions,
+hardware) and atomic writes, so that an interrupted run never leaves a half-written file."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
@@ -42,11 +43,25 @@ def hardware() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "platform": platform.platform()}
 
 
+def code_version(root: str | os.PathLike = Path(__file__).parent) -> dict | None:
+    """The git commit the code ran from, and whether tracked files differed from it (a result
+    of uncommitted code says so); None outside a git checkout or without git."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "modified": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def provenance(config) -> dict:
-    """The command, its config (with the effective FHE settings filled in), versions, hardware."""
+    """The command, its config (with the effective FHE settings filled in), the code's commit,
+    versions, hardware."""
     return {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "config": asdict(config) if dataclasses.is_dataclass(config) else config,
+        "code": code_version(),
         "versions": versions(),
         "hardware": hardware(),
     }

@@ -143,3 +143,22 @@ def test_pytest_fails_when_a_test_fails_after_a_circuit_ran():
         shutil.rmtree(probe, ignore_errors=True)
     assert "1 failed, 1 passed" in proc.stdout, proc.stdout
     assert proc.returncode == 1
+
+
+def test_result_files_name_the_commit_and_whether_the_code_was_modified(tmp_path):
+    from provenance import code_version
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert code_version(tmp_path) is None  # not a checkout: nothing claimed
+    git("init", "-q")
+    (tmp_path / "model.py").write_text("width = 1\n")
+    git("add", "model.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert code_version(tmp_path) == {"commit": head, "modified": False}
+    (tmp_path / "notes.txt").write_text("untracked files do not change the code\n")
+    assert code_version(tmp_path)["modified"] is False
+    (tmp_path / "model.py").write_text("width = 2\n")
+    assert code_version(tmp_path) == {"commit": head, "modified": True}

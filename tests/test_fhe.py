@@ -108,7 +108,7 @@ def test_real_fhe_client_server_equals_simulation(tiny_checkpoint, tiny_data_dir
         assert float(r["server_s"]) > 0 and int(r["input_bytes"]) > 0
     assert summary["fhe_sim_agreement"] == 1.0
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["config"]["p_error"] == 1e-9 and meta["hardware"]["cores"] and "concrete-ml" in meta["versions"]
+    assert meta["config"]["p_error"] == 1e-9 and meta["hardware"]["cores"] and "concrete-ml" in meta["versions"] and "code" in meta
     # the server holds the compiled model and the evaluation keys, nothing else
     assert sorted(p.name for p in (out / "server").iterdir()) == ["evaluation_keys.bin", "server.zip"]
     assert not any("key" in n.lower() for n in zipfile.ZipFile(out / "server" / "server.zip").namelist())
