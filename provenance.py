@@ -55,13 +55,17 @@ def code_version(root: str | os.PathLike = Path(__file__).parent) -> dict | None
         return None
 
 
+# Taken when a script starts, not when it writes: a run outlives commits made meanwhile.
+STARTED_FROM = code_version()
+
+
 def provenance(config) -> dict:
-    """The command, its config (with the effective FHE settings filled in), the code's commit,
-    versions, hardware."""
+    """The command, its config (with the effective FHE settings filled in), the code's commit
+    when the process started, versions, hardware."""
     return {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "config": asdict(config) if dataclasses.is_dataclass(config) else config,
-        "code": code_version(),
+        "code": STARTED_FROM,
         "versions": versions(),
         "hardware": hardware(),
     }
