@@ -36,7 +36,7 @@ from deployment import STAGES, deploy_local
 from fhe import compile_checkpoint, print_report, resolve_settings
 from metrics import paired_difference, proportion_ci
 from parallel import ParallelOptions, fhe_servers
-from pbs_cost import estimate_fhe_seconds
+from pbs_cost import estimate_fhe_seconds, runtime_threads
 from provenance import provenance, write_json
 
 COLUMNS = ["index", "label", "torch_pred", "sim_pred", "sim2_pred", "fhe_pred", *[f"{s}_s" for s in STAGES], "input_bytes",
@@ -133,9 +133,11 @@ def print_summary(s: dict) -> None:
 
 def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
     """Print the estimated FHE time before any key generation; refuse a run of more than an
-    hour without --yes."""
+    hour without --yes. The per-image cost is measured with this process's threads; a server
+    with fewer threads takes proportionally longer (core-seconds kept: a rough scaling, since
+    one thread uses a core a little better than two). An existing --scheduler counts as one
+    server: its size is not known before it is joined."""
     per_image, parts, linear = estimate_fhe_seconds(qm.fhe_circuit.statistics)
-    parallel = max(1, cfg.workers)
     if per_image is None:
         print("estimated FHE time: not available for these crypto parameters (see benchmark.py)")
         return {"per_image_s": None}
@@ -144,13 +146,18 @@ def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
             print(f"per-PBS cost at N={part['parameters']['polynomial_size']}: {part['note']}")
     if linear.get("note"):
         print(linear["note"])
-    total = per_image * n_todo / parallel
-    print(f"estimated FHE time: {per_image:.1f} s per image on this machine ({report['pbs_count']:,} PBS, "
-          f"{linear['multiply_adds']:,} multiply-adds), "
-          f"{total / 3600:.2f} h for {n_todo} images on {parallel} server(s)", flush=True)
+    threads = runtime_threads()
+    servers = 1 if cfg.scheduler else max(1, cfg.workers)
+    server_threads = cfg.threads_per_worker if cfg.workers and not cfg.scheduler else threads
+    per_server = per_image * threads / server_threads
+    total = per_server * n_todo / servers
+    print(f"estimated FHE time: {per_image:.1f} s per image with {threads} thread(s) on this machine "
+          f"({report['pbs_count']:,} PBS, {linear['multiply_adds']:,} multiply-adds); "
+          f"{total / 3600:.2f} h for {n_todo} images on {servers} server(s) of {server_threads} thread(s)", flush=True)
     if total > CONFIRM_ABOVE_S and not cfg.yes and n_todo:
         raise UserError(f"this run is estimated at {total / 3600:.1f} h: pass --yes to run it (or fewer --n-images)")
-    return {"per_image_s": per_image, "run_s": total, "parts": parts, "multiply_adds": linear}
+    return {"per_image_s": per_image, "threads": threads, "per_server_image_s": per_server, "run_s": total,
+            "parts": parts, "multiply_adds": linear}
 
 
 def main(argv=None) -> dict:

@@ -122,6 +122,11 @@ BUSY_LOAD = 0.25  # 1-minute load average per core above which the machine count
 TIMED_RUNS = 3
 
 
+def runtime_threads() -> int:
+    """Threads Concrete's runtime uses in this process, which the costs measured here assume."""
+    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+
+
 def _cache_path():
     from data import cache_dir
 

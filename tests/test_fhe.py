@@ -290,3 +290,23 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
         ("tiny", 9), ("tiny_again", 7)]
     with pytest.raises(UserError, match="no such file"):
         benchmark.main(["--from-json", str(tmp_path / "none.json")])
+
+
+def test_run_estimate_scales_to_the_servers_threads(monkeypatch, capsys):
+    """The per-image cost is measured with this process's threads (2 here); two one-thread
+    workers each take twice as long per image, so 10 images take 10 x 20 / 2 s, not 10 x 10 / 2."""
+    from types import SimpleNamespace
+
+    import fhe_inference
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(fhe_inference, "estimate_fhe_seconds", lambda stats: (10.0, [], {"multiply_adds": 0}))
+    qm = SimpleNamespace(fhe_circuit=SimpleNamespace(statistics={}))
+    cfg = lambda **kw: fhe_inference.FHEConfig(yes=True, **kw)  # noqa: E731
+    two_workers = fhe_inference.check_estimate(qm, {"pbs_count": 1}, 10, cfg(workers=2, threads_per_worker=1))
+    assert two_workers["per_server_image_s"] == 20.0 and two_workers["run_s"] == 100.0
+    assert "on 2 server(s) of 1 thread(s)" in capsys.readouterr().out
+    in_process = fhe_inference.check_estimate(qm, {"pbs_count": 1}, 10, cfg())
+    assert in_process["per_server_image_s"] == 10.0 and in_process["run_s"] == 100.0
+    with pytest.raises(UserError, match="pass --yes"):
+        fhe_inference.check_estimate(qm, {"pbs_count": 1}, 400, fhe_inference.FHEConfig(workers=2, threads_per_worker=1))
