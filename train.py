@@ -4,6 +4,7 @@
     python train.py --model fast --epochs 60 --out checkpoints/fast.pt --resume
     python train.py --model resnet --epochs 30                      # a float teacher
     python train.py --model fast --teacher checkpoints/resnet.pt    # distilled from it
+    python train.py --model fast10w --rounding-bits 5               # rounding-aware (rounding.py)
 
 One line per epoch; a checkpoint every epoch (the self-describing `--out`, plus
 `<out>.state.pt` with the optimizer for --resume). The last `--val-size` training images
@@ -26,9 +27,11 @@ from tqdm import tqdm
 import data
 from checkpoints import INITIAL_DEPLOYMENT, load_checkpoint, save_checkpoint
 from cli import UserError, check_output_file, opt, parse_config, run_main
-from provenance import atomic_write, versions
+from fhe import ROUNDING_BITS
 from models import CONFIGS, TEACHERS, SplitNet, TeacherNet
+from provenance import atomic_write, versions
 from pruning import accumulator_bits, apply_pruning, load_pruned_state, pruned_state
+from rounding import round_accumulators
 
 
 @dataclass
@@ -50,6 +53,8 @@ class TrainConfig:
     teacher: str | None = opt(None, "distill from this float teacher checkpoint (train one with --model resnet)")
     distill_alpha: float = opt(0.7, "with --teacher: weight of the teacher's soft targets in the loss (the rest: labels)")
     distill_temperature: float = opt(4.0, "with --teacher: softmax temperature of the soft targets")
+    rounding_bits: int = opt(0, "train with every encrypted accumulator rounded to N bits as Concrete ML will round it "
+                             "(rounding.py; 2 to 8), and deploy at N bits; 0: no rounding while training, deployed at 6")
     resume: bool = opt(False, "continue from <out>.state.pt")
     max_steps: int | None = opt(None, "stop each epoch after N steps (smoke tests)")
 
@@ -63,8 +68,20 @@ class TrainConfig:
             raise UserError("--distill-alpha must be in [0, 1] and --distill-temperature > 0")
         if self.teacher and self.model in TEACHERS:
             raise UserError(f"--model {self.model} is a teacher: it learns from the labels, not from --teacher")
+        if self.rounding_bits and self.rounding_bits not in ROUNDING_BITS:
+            raise UserError(f"--rounding-bits must be 0 or {ROUNDING_BITS.start} to {ROUNDING_BITS.stop - 1}, got {self.rounding_bits}")
+        if self.rounding_bits and self.model in TEACHERS:
+            raise UserError(f"--model {self.model} is a float teacher: it has no accumulators to round (--rounding-bits)")
         if self.teacher and not Path(self.teacher).is_file():
             raise UserError(f"--teacher {self.teacher}: no such file")
+
+
+def initial_deployment(cfg: TrainConfig) -> dict:
+    """The FHE settings a new checkpoint carries until p_error_search.py --write replaces them."""
+    if not cfg.rounding_bits:
+        return dict(INITIAL_DEPLOYMENT)
+    return {**INITIAL_DEPLOYMENT, "rounding_bits": cfg.rounding_bits,
+            "source": f"train.py --rounding-bits {cfg.rounding_bits} (trained with it), p_error not searched"}
 
 
 def state_path(out: str) -> Path:
@@ -161,7 +178,7 @@ def train(cfg: TrainConfig) -> dict:
         if not sp.is_file():
             raise UserError(f"--resume: no training state at {sp}")
         resume_state = read_state(sp)
-        for key in ("model", "teacher", "distill_alpha", "distill_temperature"):  # what the run learns from
+        for key in ("model", "teacher", "distill_alpha", "distill_temperature", "rounding_bits"):  # what the run learns from
             was = resume_state["train_config"].get(key, getattr(TrainConfig, key))
             if was != getattr(cfg, key):
                 raise UserError(f"--resume: {sp} was trained with --{key.replace('_', '-')} {was}, not {getattr(cfg, key)}")
@@ -169,6 +186,8 @@ def train(cfg: TrainConfig) -> dict:
         load_runtime_stats(model, resume_state.get("runtime_stats", {}))
     else:
         apply_pruning(model, bits)
+    if cfg.rounding_bits:
+        round_accumulators(model, cfg.rounding_bits)  # in every forward pass of this run, validation included
 
     train_ds, val_ds = data.train_val_datasets(cfg.data_dir, cfg.val_size, cfg.n_train)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -233,7 +252,7 @@ def train(cfg: TrainConfig) -> dict:
         }
         history.append(row)
         print(f"{row['epoch']:>5} {row['loss']:7.4f} {row['train_acc']:6.4f} {row['val_acc']:6.4f} {row['lr']:9.2e} {row['seconds']:6.1f}", flush=True)
-        extra = {"kind": "teacher"} if is_teacher else {"accumulators": accumulator_bits(model), "deployment": dict(INITIAL_DEPLOYMENT)}
+        extra = {"kind": "teacher"} if is_teacher else {"accumulators": accumulator_bits(model), "deployment": initial_deployment(cfg)}
         if teacher_info:
             extra["distilled_from"] = teacher_info
         save_checkpoint(cfg.out, model, train_config=asdict(cfg), epoch=epoch + 1, metrics=row, history=history, **extra)

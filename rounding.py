@@ -1,0 +1,77 @@
+"""Rounding-aware training: the encrypted accumulators rounded in torch as Concrete ML will.
+
+Deployed with `rounding_threshold_bits=R`, Concrete ML rounds each conv / linear accumulator
+(the integer sum_i w_i * x_i) to its R most significant bits before the table lookup that
+follows: with B the bit width of the accumulator's range over the calibration images, it
+drops lsbs = B - R low bits, rounding to the nearest multiple of 2**lsbs. A model trained
+without it loses accuracy there (measured here on the fast model: about 1 point of top-1 at
+6 bits, 7 at 5 bits), and fewer bits make every lookup cheaper. `round_accumulators` puts
+the same rounding into the torch model, with a straight-through gradient, so that training
+learns weights that survive it.
+
+Forward hooks, attached by train.py only: they are not in the model, its state or its ONNX
+export. While training, B is the range of the accumulator in each batch. Concrete takes it
+from the calibration images propagated without rounding, so a deeper layer's B may differ
+by a bit; given Concrete's B (`lsbs`), the rounding is Concrete's (tests/test_rounding.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from brevitas import nn as qnn
+from brevitas.quant_tensor import QuantTensor
+from concrete.fhe.dtypes import Integer
+from torch.utils.hooks import RemovableHandle
+
+from cli import UserError
+from models import SplitNet
+
+
+def bit_width(acc: torch.Tensor) -> int:
+    """Bits of the integer type that holds every value of `acc`, as Concrete counts them."""
+    return Integer.that_can_represent([int(acc.min().round()), int(acc.max().round())]).bit_width
+
+
+def round_to_bits(acc: torch.Tensor, bits: int, lsbs: int | None = None) -> torch.Tensor:
+    """`acc` (integer-valued) rounded to a multiple of 2**lsbs, half up, as Concrete's exact
+    round_bit_pattern does; by default lsbs keeps the `bits` most significant bits of acc's
+    own range. The gradient passes straight through."""
+    if lsbs is None:
+        with torch.no_grad():
+            lsbs = bit_width(acc) - bits
+    if lsbs <= 0:
+        return acc
+    step = 2.0**lsbs
+    rounded = torch.floor(acc / step + 0.5) * step
+    return acc + (rounded - acc).detach()
+
+
+def _hook(bits: int, lsbs: int | None):
+    def round_output(layer, inputs, out):
+        x = inputs[0]
+        if not isinstance(x, QuantTensor):
+            raise TypeError(f"{type(layer).__name__}: rounding needs a quantized input (a QuantTensor)")
+        unit = x.scale * layer.quant_weight().scale  # one step of the integer accumulator
+        acc = out / unit
+        acc = acc + (acc.round() - acc).detach()  # the exact integer (float32 sums are off by ~1e-6)
+        return round_to_bits(acc, bits, lsbs) * unit
+
+    return round_output
+
+
+def accumulator_layers(model: SplitNet) -> list[torch.nn.Module]:
+    """The encrypted convs / linears, in order: each one's output is rounded under FHE."""
+    return [m for m in model.encrypted.modules() if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear))]
+
+
+def round_accumulators(model: SplitNet, bits: int, lsbs: list[int] | None = None) -> list[RemovableHandle]:
+    """Round the accumulator of every encrypted conv / linear of `model` to `bits` bits in
+    its forward passes (training and evaluation) until the returned handles are removed;
+    `lsbs`: the low bits each layer drops (default: from each batch's range)."""
+    if any(pool for *_, pool in model.cfg.convs):
+        raise UserError(f"model {model.cfg.name!r}: rounding-aware training does not model the rounding of an encrypted average pooling")
+    layers = accumulator_layers(model)
+    lsbs = lsbs or [None] * len(layers)
+    if len(lsbs) != len(layers):
+        raise ValueError(f"{len(lsbs)} lsbs for {len(layers)} accumulators")
+    return [m.register_forward_hook(_hook(bits, n)) for m, n in zip(layers, lsbs)]
