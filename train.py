@@ -5,6 +5,8 @@
     python train.py --model resnet --epochs 30                      # a float teacher
     python train.py --model fast --teacher checkpoints/resnet.pt    # distilled from it
     python train.py --model fast10w --rounding-bits 5               # rounding-aware (rounding.py)
+    python train.py --model fast --init checkpoints/fast.pt --rounding-bits 5 --epochs 5 --lr 5e-4
+                                                                    # fine-tuned from trained weights
 
 One line per epoch; a checkpoint every epoch (the self-describing `--out`, plus
 `<out>.state.pt` with the optimizer for --resume). The last `--val-size` training images
@@ -53,6 +55,7 @@ class TrainConfig:
     teacher: str | None = opt(None, "distill from this float teacher checkpoint (train one with --model resnet)")
     distill_alpha: float = opt(0.7, "with --teacher: weight of the teacher's soft targets in the loss (the rest: labels)")
     distill_temperature: float = opt(4.0, "with --teacher: softmax temperature of the soft targets")
+    init: str | None = opt(None, "start from the weights of this checkpoint of the same model config (fine-tuning), not from random ones")
     rounding_bits: int = opt(0, "train with every encrypted accumulator rounded to N bits as Concrete ML will round it "
                              "(rounding.py; 2 to 8), and deploy at N bits; 0: no rounding while training, deployed at 6")
     resume: bool = opt(False, "continue from <out>.state.pt")
@@ -72,6 +75,8 @@ class TrainConfig:
             raise UserError(f"--rounding-bits must be 0 or {ROUNDING_BITS.start} to {ROUNDING_BITS.stop - 1}, got {self.rounding_bits}")
         if self.rounding_bits and self.model in TEACHERS:
             raise UserError(f"--model {self.model} is a float teacher: it has no accumulators to round (--rounding-bits)")
+        if self.init and not Path(self.init).is_file():
+            raise UserError(f"--init {self.init}: no such file")
         if self.teacher and not Path(self.teacher).is_file():
             raise UserError(f"--teacher {self.teacher}: no such file")
 
@@ -147,6 +152,18 @@ def load_teacher(path: str) -> tuple[nn.Module, dict]:
                      "val_acc": (ckpt.get("metrics") or {}).get("val_acc")}
 
 
+def load_init(model: nn.Module, path: str) -> dict:
+    """Copy the weights of checkpoint `path` into `model` (same config), for --init; returns
+    what the new checkpoint records of it."""
+    from provenance import sha256_file
+
+    init, ckpt = load_checkpoint(path, teacher_ok=True)
+    if type(init) is not type(model) or init.cfg != model.cfg:
+        raise UserError(f"--init {path} holds a {ckpt['model_config'].get('name')!r} model whose config differs from --model's")
+    model.load_state_dict(init.state_dict())
+    return {"path": path, "sha256": sha256_file(path), "epoch": ckpt.get("epoch"), "val_acc": (ckpt.get("metrics") or {}).get("val_acc")}
+
+
 def evaluate(model: nn.Module, loader, desc: str = "eval") -> float:
     model.eval()
     correct = total = 0
@@ -172,13 +189,14 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.accumulator_bits is not None:
             model_cfg.accumulator_bits = cfg.accumulator_bits
         model, bits = SplitNet(model_cfg), model_cfg.accumulator_bits
+    init_info = load_init(model, cfg.init) if cfg.init else None  # a resume then loads its own weights over these
     resume_state = None
     if cfg.resume:
         sp = state_path(cfg.out)
         if not sp.is_file():
             raise UserError(f"--resume: no training state at {sp}")
         resume_state = read_state(sp)
-        for key in ("model", "teacher", "distill_alpha", "distill_temperature", "rounding_bits"):  # what the run learns from
+        for key in ("model", "init", "teacher", "distill_alpha", "distill_temperature", "rounding_bits"):  # what the run learns from
             was = resume_state["train_config"].get(key, getattr(TrainConfig, key))
             if was != getattr(cfg, key):
                 raise UserError(f"--resume: {sp} was trained with --{key.replace('_', '-')} {was}, not {getattr(cfg, key)}")
@@ -255,6 +273,8 @@ def train(cfg: TrainConfig) -> dict:
         extra = {"kind": "teacher"} if is_teacher else {"accumulators": accumulator_bits(model), "deployment": initial_deployment(cfg)}
         if teacher_info:
             extra["distilled_from"] = teacher_info
+        if init_info:
+            extra["init_from"] = init_info
         save_checkpoint(cfg.out, model, train_config=asdict(cfg), epoch=epoch + 1, metrics=row, history=history, **extra)
         st = {
             "model": pruned_state(model),  # weights and pruning masks, to resume exactly
