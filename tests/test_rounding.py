@@ -12,7 +12,7 @@ from checkpoints import load_checkpoint
 from cli import UserError
 from fhe import CompileOptions, calibration_set, compile_checkpoint, quantized_logits
 from models import REFERENCE, SplitNet
-from rounding import accumulator_layers, bit_width, round_accumulators, round_to_bits
+from rounding import bit_width, round_accumulators, round_to_bits
 
 
 def test_round_to_bits_keeps_the_top_bits_and_passes_the_gradient():
@@ -29,7 +29,7 @@ def concrete_lsbs(model, feats: np.ndarray, bits: int) -> list[int]:
     ranges, propagated without rounding."""
     widths = []
     hooks = [m.register_forward_hook(lambda m, i, o: widths.append(bit_width(o / (i[0].scale * m.quant_weight().scale))))
-             for m in accumulator_layers(model)]
+             for m, _ in model.weight_layers()]
     with torch.no_grad():
         model.encrypted(torch.from_numpy(feats))
     for h in hooks:

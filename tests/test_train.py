@@ -103,14 +103,12 @@ def test_teacher_trains_and_a_student_learns_from_it(tmp_path, tiny_data_dir, ti
 def test_init_starts_from_a_checkpoint_of_the_same_config(tmp_path, tiny_data_dir, tiny_checkpoint):
     """--init fine-tunes: one step at a negligible learning rate leaves the encrypted weights
     where the checkpoint had them (a fresh start does not), and the new checkpoint says so."""
-    from rounding import accumulator_layers
-
     args = ["--model", "tiny", "--data-dir", str(tiny_data_dir), "--val-size", "10", "--batch-size", "16", "--workers", "0",
             "--epochs", "1", "--max-steps", "1", "--lr", "1e-12"]
     train.main(args + ["--init", str(tiny_checkpoint), "--out", str(tmp_path / "tuned.pt")])
     train.main(args + ["--out", str(tmp_path / "fresh.pt")])
     (base, _), (tuned, ckpt), (fresh, _) = (load_checkpoint(p) for p in (tiny_checkpoint, tmp_path / "tuned.pt", tmp_path / "fresh.pt"))
-    weights = lambda m: [layer.weight for layer in accumulator_layers(m)]  # noqa: E731
+    weights = lambda m: [layer.weight for layer, _ in m.weight_layers()]  # noqa: E731
     for a, b, c in zip(weights(base), weights(tuned), weights(fresh)):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
         assert not torch.allclose(c, a, atol=1e-3)
