@@ -7,6 +7,8 @@
     python train.py --model fast10w --rounding-bits 5               # rounding-aware (rounding.py)
     python train.py --model fast --init checkpoints/fast.pt --rounding-bits 5 --epochs 5 --lr 5e-4
                                                                     # fine-tuned from trained weights
+    python train.py --model fast10w --init checkpoints/fast10w.pt --rounding-bits 5 --rounding-noise 0.1 --epochs 4 --lr 5e-4
+                                                                    # and with the lookups' errors
 
 One line per epoch; a checkpoint every epoch (the self-describing `--out`, plus
 `<out>.state.pt` with the optimizer for --resume). The last `--val-size` training images
@@ -58,6 +60,8 @@ class TrainConfig:
     init: str | None = opt(None, "start from the weights of this checkpoint of the same model config (fine-tuning), not from random ones")
     rounding_bits: int = opt(0, "train with every encrypted accumulator rounded to N bits as Concrete ML will round it "
                              "(rounding.py; 2 to 8), and deploy at N bits; 0: no rounding while training, deployed at 6")
+    rounding_noise: float = opt(0.0, "with --rounding-bits: move each rounded accumulator one step up or down with this probability "
+                                "while training, as a lookup at p_error P reads it under FHE (0 to 0.5; 0: exact)")
     resume: bool = opt(False, "continue from <out>.state.pt")
     max_steps: int | None = opt(None, "stop each epoch after N steps (smoke tests)")
 
@@ -75,6 +79,8 @@ class TrainConfig:
             raise UserError(f"--rounding-bits must be 0 or {ROUNDING_BITS.start} to {ROUNDING_BITS.stop - 1}, got {self.rounding_bits}")
         if self.rounding_bits and self.model in TEACHERS:
             raise UserError(f"--model {self.model} is a float teacher: it has no accumulators to round (--rounding-bits)")
+        if not 0 <= self.rounding_noise <= 0.5 or (self.rounding_noise and not self.rounding_bits):
+            raise UserError(f"--rounding-noise must be in [0, 0.5] and needs --rounding-bits, got {self.rounding_noise}")
         if self.init and not Path(self.init).is_file():
             raise UserError(f"--init {self.init}: no such file")
         if self.teacher and not Path(self.teacher).is_file():
@@ -85,8 +91,9 @@ def initial_deployment(cfg: TrainConfig) -> dict:
     """The FHE settings a new checkpoint carries until p_error_search.py --write replaces them."""
     if not cfg.rounding_bits:
         return dict(INITIAL_DEPLOYMENT)
+    noise = f" --rounding-noise {cfg.rounding_noise}" if cfg.rounding_noise else ""
     return {**INITIAL_DEPLOYMENT, "rounding_bits": cfg.rounding_bits,
-            "source": f"train.py --rounding-bits {cfg.rounding_bits} (trained with it), p_error not searched"}
+            "source": f"train.py --rounding-bits {cfg.rounding_bits}{noise} (trained with it), p_error not searched"}
 
 
 def state_path(out: str) -> Path:
@@ -196,7 +203,7 @@ def train(cfg: TrainConfig) -> dict:
         if not sp.is_file():
             raise UserError(f"--resume: no training state at {sp}")
         resume_state = read_state(sp)
-        for key in ("model", "init", "teacher", "distill_alpha", "distill_temperature", "rounding_bits"):  # what the run learns from
+        for key in ("model", "init", "teacher", "distill_alpha", "distill_temperature", "rounding_bits", "rounding_noise"):  # what the run learns from
             was = resume_state["train_config"].get(key, getattr(TrainConfig, key))
             if was != getattr(cfg, key):
                 raise UserError(f"--resume: {sp} was trained with --{key.replace('_', '-')} {was}, not {getattr(cfg, key)}")
@@ -205,7 +212,7 @@ def train(cfg: TrainConfig) -> dict:
     else:
         apply_pruning(model, bits)
     if cfg.rounding_bits:
-        round_accumulators(model, cfg.rounding_bits)  # in every forward pass of this run, validation included
+        round_accumulators(model, cfg.rounding_bits, noise=cfg.rounding_noise)  # in every forward pass of this run, validation included
 
     train_ds, val_ds = data.train_val_datasets(cfg.data_dir, cfg.val_size, cfg.n_train)
     g = torch.Generator().manual_seed(cfg.seed)

@@ -11,7 +11,7 @@ import train
 from checkpoints import load_checkpoint
 from cli import UserError
 from fhe import CompileOptions, calibration_set, compile_checkpoint, quantized_logits
-from models import REFERENCE, SplitNet
+from models import REFERENCE, TINY, SplitNet
 from rounding import bit_width, round_accumulators, round_to_bits
 
 
@@ -71,9 +71,43 @@ def test_training_with_rounding_records_it_and_deploys_it(tmp_path, tiny_data_di
         train.main(args + ["--rounding-bits", "4", "--out", str(tmp_path / "r5.pt"), "--resume"])
     with pytest.raises(UserError, match="rounding-bits"):
         train.main(args + ["--rounding-bits", "1", "--out", str(tmp_path / "r1.pt")])
+    with pytest.raises(UserError, match="rounding-noise"):  # noise without rounding, or out of range
+        train.main(args + ["--rounding-noise", "0.1", "--out", str(tmp_path / "r1.pt")])
+    with pytest.raises(UserError, match="rounding-noise"):
+        train.main(args + ["--rounding-bits", "5", "--rounding-noise", "0.6", "--out", str(tmp_path / "r1.pt")])
     assert not (tmp_path / "r1.pt").exists()
 
 
 def test_encrypted_pooling_is_refused():
     with pytest.raises(UserError, match="average pooling"):
         round_accumulators(SplitNet(REFERENCE), 6)
+
+
+def test_noise_moves_the_given_share_of_lookups_by_one_step():
+    acc = torch.arange(-2048.0, 2048.0)  # 12 signed bits
+    exact = round_to_bits(acc, 6)  # steps of 64
+    torch.manual_seed(0)
+    moved = round_to_bits(acc, 6, noise=0.1) - exact
+    assert set(moved.unique().tolist()) == {-64.0, 0.0, 64.0}
+    assert 0.085 < (moved != 0).float().mean().item() < 0.115
+    moved = round_to_bits(acc, 12, noise=0.1) - acc  # nothing dropped: one step is 1
+    assert set(moved.unique().tolist()) == {-1.0, 0.0, 1.0}
+
+
+def test_noise_is_added_while_training_only():
+    model = SplitNet(TINY).eval()
+    layer = model.weight_layers()[0][0]
+    seen = []
+    pre = layer.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+    with torch.no_grad():
+        model(torch.rand(4, 3, 32, 32))
+    pre.remove()
+    handles = round_accumulators(model, 3, noise=0.3)
+    with torch.no_grad():
+        evals = [layer(seen[0]) for _ in range(2)]
+        layer.train()
+        trains = [layer(seen[0]) for _ in range(2)]
+    assert torch.equal(evals[0], evals[1])
+    assert not torch.equal(trains[0], trains[1]) and not torch.equal(trains[0], evals[0])
+    for h in handles:
+        h.remove()
