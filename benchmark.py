@@ -55,6 +55,7 @@ SETTINGS = {
     "fast": {},
     "fast10": {},
     "fast10w": {},
+    "fast10w_r5": {},  # fast10w fine-tuned for 5-bit rounding (train.py --init --rounding-bits 5 --rounding-noise)
     "accurate": {},  # a frontier candidate (models.py) not trained yet: costs from an untrained model
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
 }
@@ -62,7 +63,7 @@ SETTINGS = {
 
 @dataclass
 class BenchConfig:
-    configs: str = opt("reference,reference_r6,fast,fast10,fast10w",
+    configs: str = opt("reference,reference_r6,fast,fast10,fast10w,fast10w_r5",
                        "comma-separated configs to benchmark (see SETTINGS in benchmark.py); the default: every shipped model")
     checkpoint_dir: str = opt("checkpoints", "folder holding <config>.pt")
     n_images: int = opt(1000, "test images for the torch / simulation top-1")
