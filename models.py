@@ -107,13 +107,29 @@ FAST10 = dataclasses.replace(FAST, name="fast10", convs=[(48, 3, 2, 1, 0)], fcs=
 # clear layer is free under FHE; only the encrypted conv's multiply-adds double (fewer than
 # fast's). 1.5 points above fast10 at about the same FHE time (README, "Side by side").
 FAST10W = dataclasses.replace(FAST10, name="fast10w", clear_conv=(256, 5, 1, 2))
+# fast10w_a4: fast10w with a 5-bit split quantizer and 4-bit activations (weights stay 3-bit).
+# More bits on the encrypted values widen the accumulators (15 bits), which Concrete rounds to
+# the same 6-bit lookups; the lookups and multiply-adds are fast10w's. Fine-tuned from
+# fast10w (train.py --init) rather than trained from scratch.
+FAST10W_A4 = dataclasses.replace(FAST10W, name="fast10w_a4", split_bits=5, act_bits=4)
 ACCURATE = dataclasses.replace(FAST, name="accurate", clear_pool=2, convs=[(48, 3, 2, 1, 0), (96, 3, 2, 1, 0)], fcs=[128])
 
 # A few hundred parameters: for tests and smoke runs (real FHE in seconds). The fast model's
 # layout, narrowed; pruned so that its accumulators fit 10 bits (tests of the bound).
 TINY = dataclasses.replace(FAST, name="tiny", clear_conv=(8, 3, 1, 1), split_bits=3, convs=[(8, 3, 2, 1, 0)], fcs=[16], accumulator_bits=10)
 
-CONFIGS = {"reference": REFERENCE, "fast": FAST, "fast10": FAST10, "fast10w": FAST10W, "accurate": ACCURATE, "tiny": TINY}
+# Bit widths: what a model may change when it is fine-tuned from another (train.py --init).
+BIT_WIDTH_FIELDS = ("split_bits", "weight_bits", "act_bits")
+
+
+def same_layers(a: ModelConfig, b: ModelConfig) -> bool:
+    """Whether the two configs build the same layers with the same weight shapes, differing at
+    most in their names and bit widths."""
+    ignore = {"name": ""} | {f: 1 for f in BIT_WIDTH_FIELDS}
+    return dataclasses.replace(a, **ignore) == dataclasses.replace(b, **ignore)
+
+
+CONFIGS = {"reference": REFERENCE, "fast": FAST, "fast10": FAST10, "fast10w": FAST10W, "fast10w_a4": FAST10W_A4, "accurate": ACCURATE, "tiny": TINY}
 
 
 # ---------------------------------------------------------------- the float teacher

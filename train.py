@@ -32,7 +32,7 @@ import data
 from checkpoints import INITIAL_DEPLOYMENT, load_checkpoint, save_checkpoint
 from cli import UserError, check_output_file, opt, parse_config, run_main
 from fhe import ROUNDING_BITS
-from models import CONFIGS, TEACHERS, SplitNet, TeacherNet
+from models import BIT_WIDTH_FIELDS, CONFIGS, TEACHERS, SplitNet, TeacherNet, same_layers
 from provenance import atomic_write, versions
 from pruning import accumulator_bits, apply_pruning, load_pruned_state, pruned_state
 from rounding import round_accumulators
@@ -57,7 +57,8 @@ class TrainConfig:
     teacher: str | None = opt(None, "distill from this float teacher checkpoint (train one with --model resnet)")
     distill_alpha: float = opt(0.7, "with --teacher: weight of the teacher's soft targets in the loss (the rest: labels)")
     distill_temperature: float = opt(4.0, "with --teacher: softmax temperature of the soft targets")
-    init: str | None = opt(None, "start from the weights of this checkpoint of the same model config (fine-tuning), not from random ones")
+    init: str | None = opt(None, "start from the weights of this checkpoint (fine-tuning), not from random ones: a model with "
+                           "--model's layers, its bit widths may differ")
     rounding_bits: int = opt(0, "train with every encrypted accumulator rounded to N bits as Concrete ML will round it "
                              "(rounding.py; 2 to 8), and deploy at N bits; 0: no rounding while training, deployed at 6")
     rounding_noise: float = opt(0.0, "with --rounding-bits: move each rounded accumulator one step up or down with this probability "
@@ -160,15 +161,18 @@ def load_teacher(path: str) -> tuple[nn.Module, dict]:
 
 
 def load_init(model: nn.Module, path: str) -> dict:
-    """Copy the weights of checkpoint `path` into `model` (same config), for --init; returns
-    what the new checkpoint records of it."""
+    """Copy the weights of checkpoint `path` into `model`, for --init: a model of the same
+    layers, whose bit widths may differ (models.same_layers; e.g. a 3-bit model fine-tuned to
+    4-bit activations). Returns what the new checkpoint records of it."""
     from provenance import sha256_file
 
     init, ckpt = load_checkpoint(path, teacher_ok=True)
-    if type(init) is not type(model) or init.cfg != model.cfg:
-        raise UserError(f"--init {path} holds a {ckpt['model_config'].get('name')!r} model whose config differs from --model's")
+    if type(init) is not type(model) or not same_layers(init.cfg, model.cfg):
+        raise UserError(f"--init {path} holds a {ckpt['model_config'].get('name')!r} model whose layers differ from --model's "
+                        f"(only the bit widths {', '.join(BIT_WIDTH_FIELDS)} may differ)")
     model.load_state_dict(init.state_dict())
-    return {"path": path, "sha256": sha256_file(path), "epoch": ckpt.get("epoch"), "val_acc": (ckpt.get("metrics") or {}).get("val_acc")}
+    return {"path": path, "sha256": sha256_file(path), "model": init.cfg.name, "epoch": ckpt.get("epoch"),
+            "val_acc": (ckpt.get("metrics") or {}).get("val_acc")}
 
 
 def evaluate(model: nn.Module, loader, desc: str = "eval") -> float:

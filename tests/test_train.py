@@ -3,13 +3,15 @@ and an accumulator bound that holds in the compiled circuit."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import train
 from checkpoints import load_checkpoint
 from cli import UserError
-from models import TINY
+from models import TINY, SplitNet
 
 
 def test_one_epoch_checkpoint_describes_itself(tiny_checkpoint):
@@ -113,6 +115,22 @@ def test_init_starts_from_a_checkpoint_of_the_same_config(tmp_path, tiny_data_di
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
         assert not torch.allclose(c, a, atol=1e-3)
     assert ckpt["init_from"]["path"] == str(tiny_checkpoint) and ckpt["init_from"]["epoch"] == 1
-    with pytest.raises(UserError, match="config differs"):
+    with pytest.raises(UserError, match="layers differ"):
         train.main(["--model", "fast10"] + args[2:] + ["--init", str(tiny_checkpoint), "--out", str(tmp_path / "bad.pt")])
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_init_may_change_the_bit_widths(tiny_checkpoint):
+    """--init into a model of the same layers at other bit widths (a 3-bit model fine-tuned to
+    4-bit activations): every weight and quantizer scale is copied, and the model quantizes at
+    its own widths."""
+    base, _ = load_checkpoint(tiny_checkpoint)
+    wider = SplitNet(dataclasses.replace(base.cfg, name="tiny_a4", split_bits=4, act_bits=4))
+    info = train.load_init(wider, str(tiny_checkpoint))
+    assert info["model"] == "tiny"
+    for (k, a), b in zip(base.state_dict().items(), wider.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=k)
+    assert int(wider.encrypted.layers[0].act_quant.bit_width()) == 4 != int(base.encrypted.layers[0].act_quant.bit_width())
+    narrower = SplitNet(dataclasses.replace(base.cfg, fcs=[8]))
+    with pytest.raises(UserError, match="layers differ"):
+        train.load_init(narrower, str(tiny_checkpoint))
