@@ -107,10 +107,10 @@ FAST10 = dataclasses.replace(FAST, name="fast10", convs=[(48, 3, 2, 1, 0)], fcs=
 # clear layer is free under FHE; only the encrypted conv's multiply-adds double (fewer than
 # fast's). 1.5 points above fast10 at about the same FHE time (README, "Side by side").
 FAST10W = dataclasses.replace(FAST10, name="fast10w", clear_conv=(256, 5, 1, 2))
-# fast10w_a4: fast10w with a 5-bit split quantizer and 4-bit activations (weights stay 3-bit).
-# More bits on the encrypted values widen the accumulators (15 bits), which Concrete rounds to
-# the same 6-bit lookups; the lookups and multiply-adds are fast10w's. Fine-tuned from
-# fast10w (train.py --init) rather than trained from scratch.
+# fast10w_a4: fast10w with a 5-bit split quantizer and 4-bit activations (weights stay 3-bit):
+# fast10w's lookups and multiply-adds, wider accumulators (15 bits, rounded to 6 before each
+# lookup). Fine-tuned from fast10w (train.py --init), it gained nothing on the test split and
+# tolerated a smaller p_error, hence a costlier bootstrap (README, "Fine-tuning fast10w"); not shipped.
 FAST10W_A4 = dataclasses.replace(FAST10W, name="fast10w_a4", split_bits=5, act_bits=4)
 ACCURATE = dataclasses.replace(FAST, name="accurate", clear_pool=2, convs=[(48, 3, 2, 1, 0), (96, 3, 2, 1, 0)], fcs=[128])
 
