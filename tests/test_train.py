@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import train
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
 from cli import UserError
-from models import TINY, SplitNet
+from models import TEACHERS, TINY, SplitNet, TeacherNet
 
 
 def test_one_epoch_checkpoint_describes_itself(tiny_checkpoint):
@@ -134,3 +134,11 @@ def test_init_may_change_the_bit_widths(tiny_checkpoint):
     narrower = SplitNet(dataclasses.replace(base.cfg, fcs=[8]))
     with pytest.raises(UserError, match="layers differ"):
         train.load_init(narrower, str(tiny_checkpoint))
+
+
+def test_init_of_a_float_teacher_needs_its_own_config(tmp_path):
+    """A teacher has no bit widths: --init copies a teacher of the same config, refuses another."""
+    save_checkpoint(tmp_path / "t.pt", TeacherNet(dataclasses.replace(TEACHERS["resnet_tiny"])), kind="teacher")
+    assert train.load_init(TeacherNet(dataclasses.replace(TEACHERS["resnet_tiny"])), str(tmp_path / "t.pt"))["model"] == "resnet_tiny"
+    with pytest.raises(UserError, match="layers differ"):
+        train.load_init(TeacherNet(dataclasses.replace(TEACHERS["resnet"])), str(tmp_path / "t.pt"))
