@@ -122,10 +122,12 @@ TINY = dataclasses.replace(FAST, name="tiny", clear_conv=(8, 3, 1, 1), split_bit
 BIT_WIDTH_FIELDS = ("split_bits", "weight_bits", "act_bits")
 
 
-def same_layers(a: ModelConfig, b: ModelConfig) -> bool:
-    """Whether the two configs build the same layers with the same weight shapes, differing at
-    most in their names and bit widths."""
-    ignore = {"name": ""} | {f: 1 for f in BIT_WIDTH_FIELDS}
+def same_layers(a, b) -> bool:
+    """Whether two configs (split models or float teachers) build the same layers with the same
+    weight shapes, differing at most in their names and bit widths (a teacher has none)."""
+    if type(a) is not type(b):
+        return False
+    ignore = {"name": ""} | {f: 1 for f in BIT_WIDTH_FIELDS if hasattr(a, f)}
     return dataclasses.replace(a, **ignore) == dataclasses.replace(b, **ignore)
 
 

@@ -167,9 +167,7 @@ def load_init(model: nn.Module, path: str) -> dict:
     from provenance import sha256_file
 
     init, ckpt = load_checkpoint(path, teacher_ok=True)
-    # a float teacher has no bit widths: it fine-tunes from its own config only
-    layers_match = same_layers(init.cfg, model.cfg) if isinstance(model, SplitNet) else init.cfg == model.cfg
-    if type(init) is not type(model) or not layers_match:
+    if type(init) is not type(model) or not same_layers(init.cfg, model.cfg):
         raise UserError(f"--init {path} holds a {ckpt['model_config'].get('name')!r} model whose layers differ from --model's "
                         f"(only the bit widths {', '.join(BIT_WIDTH_FIELDS)} may differ)")
     model.load_state_dict(init.state_dict())
