@@ -100,6 +100,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     from checkpoints import INITIAL_DEPLOYMENT
     from deployment import FHEServer, classify, deploy_local
     from fhe import CompileOptions, compile_checkpoint, evaluate, resolve_settings
+    from models import CONFIGS
 
     settings = dict(SETTINGS[name])
     model_name = settings.pop("model", name)
@@ -117,7 +118,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         # time) do not need one; the accuracy columns do, and stay empty.
         print(f"no {o.checkpoint}: costs from an untrained {name} model at the initial settings, no accuracy")
         resolve_settings(o, {"deployment": INITIAL_DEPLOYMENT})
-        model, qm, report = untrained_compiled(model_name, o)
+        model, qm, report = untrained_compiled(CONFIGS[model_name], o)
         top1 = {"torch_top1": None, "sim_top1": None, "sim_top1_sd": None, "sim_top1_draws": [], "epochs_trained": 0}
     estimate, parts, linear = estimate_fhe_seconds(qm.fhe_circuit.statistics, cache=False)
     row = {
@@ -144,19 +145,20 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     return row
 
 
-def untrained_compiled(name: str, o):
-    """A freshly initialised, pruned model with batch-norm statistics from 512 training images."""
+def untrained_compiled(model_cfg, o, n_stats: int = 512):
+    """A freshly initialised, pruned model of this ModelConfig with batch-norm statistics from
+    the first n_stats training images, compiled with the settings in o."""
     import torch
 
     import data
     from fhe import calibration_set, compile_model, cost_report
-    from models import CONFIGS, SplitNet
+    from models import SplitNet
     from pruning import apply_pruning, folded_state_dict
 
     torch.manual_seed(0)
-    net = SplitNet(CONFIGS[name])
+    net = SplitNet(model_cfg)
     apply_pruning(net, net.cfg.accumulator_bits)
-    x, _ = data.stack(data.dataset("train", o.data_dir, n=512))
+    x, _ = data.stack(data.dataset("train", o.data_dir, n=n_stats))
     net.train()
     with torch.no_grad():
         for i in range(0, len(x), 64):

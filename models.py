@@ -21,9 +21,16 @@ from brevitas.core.scaling import ScalingImplType
 from brevitas.quant import Int8ActPerTensorFloatMinMaxInit, Int8WeightPerTensorFloat, Uint8ActPerTensorFloat
 from torch import nn
 
-# A conv row of the layer table: (out_channels, kernel, stride, padding, pool). pool is the
-# size of the 2D average pooling after the layer (0: none).
-ConvSpec = tuple[int, int, int, int, int]
+# A conv row of the layer table: (out_channels, kernel, stride, padding, pool[, groups]). pool
+# is the size of the 2D average pooling after the layer (0: none); groups (default 1) splits the
+# input and output channels into that many groups, each output reading only its group's inputs:
+# the same outputs (PBS) for 1/groups of the multiply-adds.
+ConvSpec = tuple[int, ...]
+
+
+def conv_row(c: ConvSpec) -> tuple[int, int, int, int, int, int]:
+    """(out_channels, kernel, stride, padding, pool, groups) of a conv row."""
+    return (*c, 1) if len(c) == 5 else tuple(c)
 
 
 @dataclass
@@ -63,7 +70,7 @@ class ModelConfig:
             "clear_pool_type": self.clear_pool_type in ("avg", "max"),
             "bit widths": all(1 <= b <= 16 for b in (self.split_bits, self.weight_bits, self.act_bits)),
             "clear_conv": len(self.clear_conv) == 4,
-            "convs": all(len(c) == 5 for c in self.convs),
+            "convs": all(len(c) in (5, 6) for c in self.convs),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -302,8 +309,10 @@ class EncryptedModule(nn.Module):
         layers: list[nn.Module] = [split_quant]
         channels = cfg.clear_conv[0]
         size = conv_out(cfg.image_size, *cfg.clear_conv[1:], cfg.clear_pool)
-        for out, k, s, p, pool in cfg.convs:
-            layers += [qnn.QuantConv2d(channels, out, k, stride=s, padding=p, **weight_kwargs(cfg))]
+        for out, k, s, p, pool, groups in map(conv_row, cfg.convs):
+            if channels % groups or out % groups:
+                raise ValueError(f"model config {cfg.name!r}: {groups} groups do not divide a conv's {channels} -> {out} channels")
+            layers += [qnn.QuantConv2d(channels, out, k, stride=s, padding=p, groups=groups, **weight_kwargs(cfg))]
             layers += [nn.BatchNorm2d(out), act_quant(cfg, cfg.act_bits)]
             if pool:  # the sum of the pooling is re-quantized, so the next layer sees act_bits again
                 layers += [nn.AvgPool2d(pool), act_quant(cfg, cfg.act_bits)]
@@ -370,7 +379,8 @@ class SplitNet(nn.Module):
         def describe(m: nn.Module) -> str:
             if isinstance(m, (qnn.QuantConv2d, nn.Conv2d)):
                 bits = f", {int(m.quant_weight().bit_width)}-bit weights" if isinstance(m, qnn.QuantConv2d) else ", float"
-                return f"conv {m.in_channels}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]} p{m.padding[0]}{bits}"
+                groups = f" g{m.groups}" if m.groups > 1 else ""
+                return f"conv {m.in_channels}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]} p{m.padding[0]}{groups}{bits}"
             if isinstance(m, qnn.QuantLinear):
                 return f"linear {m.in_features}->{m.out_features}, {int(m.quant_weight().bit_width)}-bit weights"
             if isinstance(m, (qnn.QuantIdentity, qnn.QuantReLU)):

@@ -28,7 +28,7 @@ from concrete.fhe.dtypes import Integer
 from torch.utils.hooks import RemovableHandle
 
 from cli import UserError
-from models import SplitNet
+from models import SplitNet, conv_row
 
 
 def bit_width(acc: torch.Tensor) -> int:
@@ -71,7 +71,7 @@ def round_accumulators(model: SplitNet, bits: int, lsbs: list[int] | None = None
     its forward passes (training and evaluation) until the returned handles are removed;
     `lsbs`: the low bits each layer drops (default: from each batch's range); `noise`: the
     rate of off-by-one lookups to train with (training mode only)."""
-    if any(pool for *_, pool in model.cfg.convs):
+    if any(conv_row(c)[4] for c in model.cfg.convs):
         raise UserError(f"model {model.cfg.name!r}: rounding-aware training does not model the rounding of an encrypted average pooling")
     layers = [layer for layer, _ in model.weight_layers()]  # each one's output is rounded under FHE
     lsbs = lsbs or [None] * len(layers)

@@ -3,6 +3,7 @@ shared CIFAR-10 copy when this machine has it."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -18,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+from models import TINY  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets" / "cifar10"
+# the tiny model with its encrypted conv in 2 groups of 4 channels
+TINY_G2 = dataclasses.replace(TINY, name="tiny_g2", convs=[(8, 3, 2, 1, 0, 2)])
 N_PER_CLASS = {"train": 6, "test": 2}
 
 

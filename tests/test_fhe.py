@@ -14,8 +14,9 @@ import torch
 import data
 import fhe_inference
 from cli import UserError
-from conftest import SHARED, needs_dataset
+from conftest import SHARED, TINY_G2, needs_dataset
 from fhe import CompileOptions, clear_features, compile_checkpoint, evaluate, quantized_logits
+from models import TINY
 from p_error_search import bisect_log
 
 # A very small p_error (over the ~450 PBS of the tiny circuit an error is ~1e-6 likely) and
@@ -310,3 +311,24 @@ def test_run_estimate_scales_to_the_servers_threads(monkeypatch, capsys):
     assert in_process["per_server_image_s"] == 10.0 and in_process["run_s"] == 100.0
     with pytest.raises(UserError, match="pass --yes"):
         fhe_inference.check_estimate(qm, {"pbs_count": 1}, 400, fhe_inference.FHEConfig(workers=2, threads_per_worker=1))
+
+
+def test_grouped_conv_under_concrete(tiny_data_dir):
+    """Concrete ML compiles an encrypted conv in groups: its clear quantized logits are the torch
+    model's, and the conv costs half the multiply-adds of the same conv in one group (the
+    linears' stay)."""
+    from benchmark import untrained_compiled
+
+    o = CompileOptions(data_dir=str(tiny_data_dir), p_error=1e-9, rounding_bits=0, n_calib=40)
+    model, qm, report = untrained_compiled(TINY_G2, o, n_stats=60)
+    plain = untrained_compiled(TINY, o, n_stats=60)[2]
+    conv_macs = 8 * 4 * 4 * 9 * 8  # outputs x (kernel area x input channels), in one group
+    assert plain["multiply_add_count"] - report["multiply_add_count"] == conv_macs // 2
+    assert report["pbs_count"] == plain["pbs_count"]  # the same activations
+    images, _ = data.stack(data.dataset("test", tiny_data_dir))
+    feats = clear_features(model, images)
+    concrete = quantized_logits(qm, feats, "disable")
+    with torch.no_grad():
+        logits = model.encrypted(torch.from_numpy(feats)).numpy()
+    step = np.min(np.diff(np.unique(concrete)))  # Concrete quantizes the logits
+    assert np.abs(logits - concrete).max() <= step

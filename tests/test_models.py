@@ -11,6 +11,7 @@ import torch
 
 from checkpoints import deployment, load_checkpoint, save_checkpoint
 from cli import UserError
+from conftest import TINY_G2
 from models import CONFIGS, FAST, REFERENCE, TEACHERS, TINY, ModelConfig, SplitNet, TeacherConfig
 from pruning import accumulator_bits, apply_pruning
 
@@ -33,7 +34,7 @@ def clear_part_by_hand(model, x):
     return torch.clamp(torch.round(y / scale), lo, hi) * scale
 
 
-@pytest.mark.parametrize("cfg", [TINY, FAST, REFERENCE], ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [TINY, TINY_G2, FAST, REFERENCE], ids=lambda c: c.name)
 def test_split_equals_an_independent_composition(cfg, tmp_path):
     torch.manual_seed(0)
     model = SplitNet(cfg)
@@ -95,6 +96,26 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_grouped_conv_reads_only_its_group():
+    torch.manual_seed(0)
+    model = SplitNet(TINY_G2).eval()
+    conv = next(m for m in model.encrypted.layers if type(m).__name__ == "QuantConv2d")
+    assert conv.groups == 2 and tuple(conv.weight.shape) == (8, 4, 3, 3)
+    x = torch.rand(2, 8, 8, 8)
+    y = x.clone()
+    y[:, 4:] += 1  # change only the second group's inputs
+    with torch.no_grad():
+        a, b = conv(x), conv(y)
+    a, b = (t.value if hasattr(t, "value") else t for t in (a, b))
+    torch.testing.assert_close(a[:, :4], b[:, :4])  # the first group's outputs do not see them
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+    assert accumulator_bits(model)["encrypted.layers.1"]["fan_in"] == 4 * 9  # the pruning bound's fan-in
+    assert any(" g2," in row for row in model.layer_table())
+    assert SplitNet(TINY).encrypted.layers[1].groups == 1  # five-entry rows: one group
+    with pytest.raises(ValueError, match="3 groups do not divide"):
+        SplitNet(dataclasses.replace(TINY, convs=[(9, 3, 2, 1, 0, 3)], clear_conv=(8, 3, 1, 1)))
 
 
 def test_config_validation():
