@@ -33,6 +33,11 @@ def conv_row(c: ConvSpec) -> tuple[int, int, int, int, int, int]:
     return (*c, 1) if len(c) == 5 else tuple(c)
 
 
+def _valid_conv_row(row: tuple[int, ...]) -> bool:
+    out, kernel, stride, padding, pool, groups = row
+    return min(out, kernel, stride, groups) >= 1 and min(padding, pool) >= 0
+
+
 @dataclass
 class ModelConfig:
     name: str = "reference"
@@ -70,7 +75,7 @@ class ModelConfig:
             "clear_pool_type": self.clear_pool_type in ("avg", "max"),
             "bit widths": all(1 <= b <= 16 for b in (self.split_bits, self.weight_bits, self.act_bits)),
             "clear_conv": len(self.clear_conv) == 4,
-            "convs": all(len(c) in (5, 6) for c in self.convs),
+            "convs": all(len(c) in (5, 6) and _valid_conv_row(conv_row(c)) for c in self.convs),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:

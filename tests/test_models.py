@@ -121,6 +121,9 @@ def test_grouped_conv_reads_only_its_group():
 def test_config_validation():
     with pytest.raises(ValueError, match="act"):
         ModelConfig(act="gelu")
+    for row in [(8, 3, 2, 1, 0, 0), (8, 3, 0, 1, 0), (0, 3, 2, 1, 0), (8, 3, 2, -1, 0), (8, 3, 2, 1)]:
+        with pytest.raises(ValueError, match="convs"):  # found in the config, not deep in a compile
+            ModelConfig(convs=[row])
     with pytest.raises(ValueError, match="unknown"):
         ModelConfig.from_dict({"name": "x", "colour": 3})
     assert ModelConfig.from_dict(dataclasses.asdict(FAST)) == FAST
