@@ -15,10 +15,11 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed
 
-# The main job: the shipped fast model, torch accuracy, simulated accuracy, one real FHE image
+# The main job on the default model (no --checkpoint: checkpoints.DEFAULT_CHECKPOINT, fast_kd.pt):
+# torch accuracy, then 3 test images through real FHE beside their simulated and torch predictions
 run: install
-	$(PY) infer_torch.py --checkpoint checkpoints/fast.pt
-	$(PY) fhe_inference.py --checkpoint checkpoints/fast.pt --n-images 3 --out-dir runs/fhe_fast_make
+	$(PY) infer_torch.py
+	$(PY) fhe_inference.py --n-images 3 --out-dir runs/fhe_default_make
 
 # Two tiers, each with its own pytest summary line; the first failure stops make with a
 # non-zero status (tests/conftest.py keeps pytest's status after Concrete has run).

@@ -30,8 +30,21 @@ def test_notebook_runs_in_quick_mode_and_prints_the_projects_accuracies(monkeypa
                for k in ("torch", "disable")}
     assert "FHE prediction" in outputs
 
-    model, _, qm, _ = compile_checkpoint(CompileOptions(checkpoint=str(ROOT / "checkpoints" / "fast.pt"), data_dir=str(SHARED)))
+    (checkpoint,) = re.findall(r'^CHECKPOINT = "(.+?)"', "".join(c.source for c in nb.cells), re.M)
+    model, _, qm, _ = compile_checkpoint(CompileOptions(checkpoint=str(ROOT / checkpoint), data_dir=str(SHARED)))
     images, labels = data.stack(data.dataset("test", SHARED, n=n))
     acc = evaluate(model, qm, images, labels)
     for k in ("torch", "disable"):  # deterministic: equal to the printed 4 decimals
         assert printed[k] == {m: pytest.approx(v, abs=5e-5) for m, v in acc[k].items()}, k
+
+
+def test_notebook_walks_through_the_default_model():
+    """The notebook and `make run` (which passes no --checkpoint) show the same model."""
+    import json
+
+    from checkpoints import DEFAULT_CHECKPOINT
+
+    cells = json.loads((ROOT / "Cifar10.ipynb").read_text())["cells"]
+    source = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    assert re.findall(r'^CHECKPOINT = "(.+?)"', source, re.M) == [DEFAULT_CHECKPOINT]
+    assert (ROOT / DEFAULT_CHECKPOINT).is_file()
