@@ -71,14 +71,27 @@ def provenance(config) -> dict:
     }
 
 
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (read at import: reading
+    it means setting it, which is not safe once threads run)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """write(tmp_path) then rename, so an interrupted run never leaves a half-written file."""
+    """write(tmp_path) then rename, so an interrupted run never leaves a half-written file.
+    The file gets open()'s usual mode, not mkstemp's owner-only 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

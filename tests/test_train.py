@@ -31,6 +31,16 @@ def test_bound_holds_in_the_compiled_circuit(tiny_checkpoint, tiny_data_dir):
     assert all(layer["bit_width"] <= TINY.accumulator_bits for layer in report["layers"].values())
 
 
+def test_checkpoint_gets_the_usual_file_mode(tiny_checkpoint):
+    """Written through a temporary file, but readable as a plain open() would make it (a
+    checkpoint on a shared cluster disk is read by other users' workers)."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(tiny_checkpoint).st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_one_plus_one_epochs_equal_two(tmp_path, tiny_data_dir):
     """Training 1 epoch, then resuming for a 2nd, gives the same weights and optimizer state
     as 2 epochs in one go (a resume that re-initialised anything would not)."""
