@@ -194,7 +194,10 @@ def _multiply_add_seconds(bits: int, p_error: float, n: int, got: dict, lookups_
     if param_dict(param) != got:
         return {"multiply_add_seconds": None, "multiply_add_note": "the product changed the crypto parameters: not measured"}
     x = np.eye(1, m, dtype=np.int64)[0] * (2**bits - 1)
-    measured = max(0.0, _fastest_run(circuit, x) - lookups_s) / (m * n)
+    extra = _fastest_run(circuit, x) - lookups_s
+    if extra <= 0:  # the timing noise of the lookups hid the product: no figure, rather than 0
+        return {"multiply_add_seconds": None, "multiply_add_note": f"the product added no measurable time ({extra:+.3f} s): not measured"}
+    measured = extra / (m * n)
     size = lambda p: p["glwe_dimension"] * p["polynomial_size"] + 1  # noqa: E731
     return {"multiply_add_measured_seconds": measured, "multiply_add_seconds": measured * size(target) / size(got)}
 

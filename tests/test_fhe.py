@@ -195,6 +195,21 @@ def test_per_pbs_estimator_matches_parameters_and_measures():
     assert 0 < cost["multiply_add_seconds"] < cost["seconds"] / 20
 
 
+def test_multiply_add_cost_hidden_by_noise_is_not_a_zero(monkeypatch):
+    """When the product circuit runs no slower than the lookups alone, the multiply-add cost
+    is unknown: the estimate then says it counts the PBS only, instead of adding 0 s."""
+    import pbs_cost
+    from pbs_cost import param_dict, synthetic_circuit
+
+    (param,) = synthetic_circuit(5, 0.05, 4).statistics["programmable_bootstrap_count_per_parameter"]
+    monkeypatch.setattr(pbs_cost, "_fastest_run", lambda circuit, x: 1.0)
+    got = pbs_cost._multiply_add_seconds(5, 0.05, 4, param_dict(param), 1.0, param_dict(param))
+    assert got["multiply_add_seconds"] is None and "not measured" in got["multiply_add_note"]
+    monkeypatch.setattr(pbs_cost, "_fastest_run", lambda circuit, x: 1.64)
+    got = pbs_cost._multiply_add_seconds(5, 0.05, 4, param_dict(param), 1.0, param_dict(param))
+    assert got["multiply_add_seconds"] == pytest.approx(0.64 / (pbs_cost.MULTIPLY_ADD_ROWS * 4 * 4))
+
+
 def test_estimate_adds_the_multiply_adds_to_the_lookups(monkeypatch):
     import pbs_cost
     from pbs_cost import estimate_fhe_seconds, synthetic_circuit
