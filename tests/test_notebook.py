@@ -48,3 +48,5 @@ def test_notebook_walks_through_the_default_model():
     source = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     assert re.findall(r'^CHECKPOINT = "(.+?)"', source, re.M) == [DEFAULT_CHECKPOINT]
     assert (ROOT / DEFAULT_CHECKPOINT).is_file()
+    run = (ROOT / "Makefile").read_text().split("\nrun: install\n")[1].split("\n\n")[0]
+    assert "fhe_inference.py" in run and "--checkpoint" not in run
