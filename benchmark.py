@@ -58,6 +58,7 @@ SETTINGS = {
     "fast10w_r5": {},  # fast10w fine-tuned for 5-bit rounding (train.py --init --rounding-bits 5 --rounding-noise)
     "fast10w_a4": {},  # fast10w fine-tuned to a 5-bit split and 4-bit activations (train.py --init)
     "fast_kd": {},  # fast's layout trained from scratch distilled from the teacher (train.py --teacher)
+    "fast10g": {},  # a frontier candidate for the 10 s target (models.py), in training: untrained until its checkpoint lands
     "accurate": {},  # a frontier candidate (models.py) not trained yet: costs from an untrained model
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
 }

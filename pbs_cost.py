@@ -93,24 +93,20 @@ def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
     "multiply_add_seconds"): measured once per process and parameter
     set, and with cache=True kept on disk for this machine, thread count and Concrete version
     (fhe_inference.py's estimate then costs nothing after the first run)."""
-    if not cache:
-        return _per_pbs_seconds(tuple(sorted(target.items())), n)
-    path = _cache_path()
-    key = json.dumps([sorted(target.items()), n, _machine(), CACHE_VERSION])
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        stored = {}
-    if key in stored:
-        return stored[key]
-    load = os.getloadavg()[0]  # other work running: a measurement now is slow, keep it out of the cache
+    path, key, stored = _cache_path(), json.dumps([sorted(target.items()), n, _machine(), CACHE_VERSION]), {}
+    if cache:
+        with contextlib.suppress(OSError, ValueError):
+            stored = json.loads(path.read_text())
+        if key in stored:
+            return stored[key]
+    load = os.getloadavg()[0]  # other work running: a measurement now is slow, say so and keep it out of the cache
     cost = _per_pbs_seconds(tuple(sorted(target.items())), n)
-    if load < BUSY_LOAD * (os.cpu_count() or 1):
+    if cost["seconds"] is not None and load >= BUSY_LOAD * (os.cpu_count() or 1):
+        return {**cost, "note": f"measured while the machine was busy (load {load:.1f}): an overestimate" + (", not cached" if cache else "")}
+    if cache:
         stored[key] = cost
         with contextlib.suppress(OSError):
             write_json(path, stored)
-    else:
-        cost = {**cost, "note": f"measured while the machine was busy (load {load:.1f}): an overestimate, not cached"}
     return cost
 
 

@@ -256,6 +256,10 @@ def test_per_pbs_cost_is_cached_only_when_measured_on_an_idle_machine(monkeypatc
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert pbs_cost.per_pbs_seconds(target) == {"seconds": 0.01} and len(calls) == 2  # measured again, and kept
     assert pbs_cost.per_pbs_seconds(target) == {"seconds": 0.01} and len(calls) == 2  # from the cache
+    # the benchmark measures uncached: a busy machine is named there too, an idle one is not
+    assert pbs_cost.per_pbs_seconds(target, cache=False) == {"seconds": 0.01}
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    assert "busy" in pbs_cost.per_pbs_seconds(target, cache=False)["note"]
 
 
 @needs_dataset
