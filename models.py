@@ -127,7 +127,7 @@ FAST10W_A4 = dataclasses.replace(FAST10W, name="fast10w_a4", split_bits=5, act_b
 # fast10g: for the 10 s target on the Xeon (about 650 lookups with 1M multiply-adds at most,
 # README "What 10 seconds buy"): fast10w's clear part, its encrypted conv unpadded with a 4 x 4
 # kernel (3 x 3 outputs: 432 lookups where fast10w has 768) in 2 groups (913k multiply-adds
-# where fast10w has 1.8M), a hidden linear of 128: 570 lookups. Screened untrained, not trained yet.
+# where fast10w has 1.8M), a hidden linear of 128: 570 lookups. In training (checkpoints/in_training/).
 FAST10G = dataclasses.replace(FAST10W, name="fast10g", convs=[(48, 4, 2, 0, 0, 2)], fcs=[128])
 ACCURATE = dataclasses.replace(FAST, name="accurate", clear_pool=2, convs=[(48, 3, 2, 1, 0), (96, 3, 2, 1, 0)], fcs=[128])
 
