@@ -93,8 +93,9 @@ def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
     "multiply_add_seconds"): measured once per process and parameter
     set, and with cache=True kept on disk for this machine, thread count and Concrete version
     (fhe_inference.py's estimate then costs nothing after the first run)."""
-    path, key, stored = _cache_path(), json.dumps([sorted(target.items()), n, _machine(), CACHE_VERSION]), {}
-    if cache:
+    stored = {}
+    if cache:  # the machine's description and the cache file only when the cache is used
+        path, key = _cache_path(), json.dumps([sorted(target.items()), n, _machine(), CACHE_VERSION])
         with contextlib.suppress(OSError, ValueError):
             stored = json.loads(path.read_text())
         if key in stored:
