@@ -58,7 +58,8 @@ SETTINGS = {
     "fast10w_r5": {},  # fast10w fine-tuned for 5-bit rounding (train.py --init --rounding-bits 5 --rounding-noise)
     "fast10w_a4": {},  # fast10w fine-tuned to a 5-bit split and 4-bit activations (train.py --init)
     "fast_kd": {},  # fast's layout trained from scratch distilled from the teacher (train.py --teacher)
-    "fast10g": {},  # a frontier candidate for the 10 s target (models.py), in training: untrained until its checkpoint lands
+    "fast10g": {},  # the 570-lookup layout for the 10 s target (models.py) untrained: its costs alone
+    "fast10g_kd": {},  # fast10g trained from scratch distilled from the teacher (train.py --teacher)
     "accurate": {},  # a frontier candidate (models.py) not trained yet: costs from an untrained model
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
 }
@@ -66,7 +67,7 @@ SETTINGS = {
 
 @dataclass
 class BenchConfig:
-    configs: str = opt("reference,reference_r6,fast,fast_kd,fast10,fast10w,fast10w_r5",
+    configs: str = opt("reference,reference_r6,fast,fast_kd,fast10,fast10w,fast10w_r5,fast10g_kd",
                        "comma-separated configs to benchmark (see SETTINGS in benchmark.py); the default: every shipped model")
     checkpoint_dir: str = opt("checkpoints", "folder holding <config>.pt")
     n_images: int = opt(1000, "test images for the torch / simulation top-1")

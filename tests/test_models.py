@@ -167,3 +167,13 @@ def test_shipped_checkpoint_describes_itself(path):
 
 def test_every_shipped_model_is_found():
     assert {p.stem for p in SHIPPED} >= {"fast", "reference"}
+
+
+def test_benchmark_by_default_covers_every_shipped_model():
+    """`python benchmark.py` with no --configs prints the frontier of every shipped model: each
+    checkpoint but the teacher is the file of one of its default rows."""
+    import benchmark
+
+    files = {benchmark.SETTINGS[c].get("model", c) for c in benchmark.BenchConfig().configs.split(",")}
+    deployable = {p.stem for p in SHIPPED if load_checkpoint(p, teacher_ok=True)[1].get("kind") != "teacher"}
+    assert deployable - files == set(), f"shipped but not in benchmark.py's default --configs: {sorted(deployable - files)}"
