@@ -267,14 +267,19 @@ def plot_frontier(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    labelled = []  # (log10 seconds, top-1) of the points labelled above them
     for r in rows:
         if not seconds(r) or r["sim_top1"] is None:
             continue
         measured = bool(r.get("fhe_s_median"))
         ax.errorbar(seconds(r), r["sim_top1"], yerr=r.get("sim_top1_sd") or 0, fmt="o", color="C0", capsize=3,
                     mfc="C0" if measured else "white")
-        ax.annotate(r["config"], (seconds(r), r["sim_top1"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+        here = (np.log10(seconds(r)), r["sim_top1"])
+        crowded = any(abs(here[0] - x) < 0.3 and abs(here[1] - y) < 0.012 for x, y in labelled)
+        if not crowded:
+            labelled.append(here)
+        ax.annotate(r["config"], (seconds(r), r["sim_top1"]), textcoords="offset points",
+                    xytext=(6, -11) if crowded else (6, 4), fontsize=8)  # a near neighbour's label is above: go below
     for a in PUBLISHED:
         ax.plot(a["seconds"], a["top1"], "x", color="C3")
         ax.annotate(f"{a['label']}\n{a['hardware']} (published)", (a["seconds"], a["top1"]), textcoords="offset points",
