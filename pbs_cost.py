@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -100,10 +101,11 @@ def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
             stored = json.loads(path.read_text())
         if key in stored:
             return stored[key]
-    load = os.getloadavg()[0]  # other work running: a measurement now is slow, say so and keep it out of the cache
+    load = busy_cores()  # other work running: a measurement now is slow, say so and keep it out of the cache
     cost = _per_pbs_seconds(tuple(sorted(target.items())), n)
     if cost["seconds"] is not None and load >= BUSY_LOAD * (os.cpu_count() or 1):
-        return {**cost, "note": f"measured while the machine was busy (load {load:.1f}): an overestimate" + (", not cached" if cache else "")}
+        return {**cost, "note": f"measured while the machine was busy ({load:.1f} of {os.cpu_count()} cores in use): an overestimate"
+                + (", not cached" if cache else "")}
     if cache:
         stored[key] = cost
         with contextlib.suppress(OSError):
@@ -115,7 +117,32 @@ def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
 # machine (version 1 kept one run, whatever else was running, and overestimated by up to 2x).
 CACHE_VERSION = 3  # 3: with the multiply-add cost
 MULTIPLY_ADD_ROWS = 16  # the multiply-add circuit's product has 16 n rows: 16 n^2 multiply-adds
-BUSY_LOAD = 0.25  # 1-minute load average per core above which the machine counts as busy
+BUSY_LOAD = 0.25  # cores in use, per core, above which the machine counts as busy
+BUSY_SAMPLE_S = 1.0
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine so far, from /proc/stat; None without it."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(sample_s: float = BUSY_SAMPLE_S) -> float:
+    """How many cores other work keeps busy right now: CPU use over the next `sample_s`
+    seconds, while the caller waits (so its own earlier work, which a load average would
+    still count for a minute, does not), times the core count. Where /proc/stat is missing,
+    the 1-minute load average."""
+    before = _cpu_jiffies()
+    if before is None:
+        return os.getloadavg()[0]
+    time.sleep(sample_s)
+    after = _cpu_jiffies()
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total > 0 else 0.0
 TIMED_RUNS = 3
 
 

@@ -250,16 +250,45 @@ def test_per_pbs_cost_is_cached_only_when_measured_on_an_idle_machine(monkeypatc
     calls = []
     monkeypatch.setattr(pbs_cost, "_per_pbs_seconds", lambda items, n: calls.append(items) or {"seconds": 0.01})
     target = dict(polynomial_size=2048, glwe_dimension=1, level=2, input_lwe_dimension=769, base_log=15)
-    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    monkeypatch.setattr(pbs_cost, "busy_cores", lambda: 1.0 * (os.cpu_count() or 1))
     busy = pbs_cost.per_pbs_seconds(target)
     assert busy["seconds"] == 0.01 and "busy" in busy["note"] and not pbs_cost._cache_path().exists()
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(pbs_cost, "busy_cores", lambda: 0.0)
     assert pbs_cost.per_pbs_seconds(target) == {"seconds": 0.01} and len(calls) == 2  # measured again, and kept
     assert pbs_cost.per_pbs_seconds(target) == {"seconds": 0.01} and len(calls) == 2  # from the cache
     # the benchmark measures uncached: a busy machine is named there too, an idle one is not
     assert pbs_cost.per_pbs_seconds(target, cache=False) == {"seconds": 0.01}
-    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * (os.cpu_count() or 1), 0.0, 0.0))
+    monkeypatch.setattr(pbs_cost, "busy_cores", lambda: 1.0 * (os.cpu_count() or 1))
     assert "busy" in pbs_cost.per_pbs_seconds(target, cache=False)["note"]
+
+
+def test_busy_cores_counts_use_during_its_sample_not_before(monkeypatch):
+    """The benchmark measures right after its own simulations: a 1-minute load average still
+    counted them and called every such measurement busy. busy_cores reads CPU time over its
+    own sample: two /proc/stat readings 1 busy core-second apart on a 2-core machine over 1 s
+    of wall time (2 core-seconds in all) mean 1 core in use."""
+    import os
+
+    import pbs_cost
+
+    readings = iter([(1000, 5000), (1100, 5200)])  # busy +100 of total +200 jiffies
+    monkeypatch.setattr(pbs_cost, "_cpu_jiffies", lambda: next(readings))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # a busy past minute that must not count
+    assert pbs_cost.busy_cores(sample_s=0) == pytest.approx(1.0)
+
+
+def test_cpu_jiffies_reads_this_machine():
+    import os
+
+    import pbs_cost
+
+    got = pbs_cost._cpu_jiffies()
+    if got is None:
+        pytest.skip("no /proc/stat here")
+    busy, total = got
+    assert 0 < busy < total
+    assert 0 <= pbs_cost.busy_cores(sample_s=0.2) <= (os.cpu_count() or 1) + 0.1
 
 
 @needs_dataset
