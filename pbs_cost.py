@@ -119,6 +119,7 @@ CACHE_VERSION = 3  # 3: with the multiply-add cost
 MULTIPLY_ADD_ROWS = 16  # the multiply-add circuit's product has 16 n rows: 16 n^2 multiply-adds
 BUSY_LOAD = 0.25  # cores in use, per core, above which the machine counts as busy
 BUSY_SAMPLE_S = 1.0
+TIMED_RUNS = 3
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
@@ -143,7 +144,6 @@ def busy_cores(sample_s: float = BUSY_SAMPLE_S) -> float:
     after = _cpu_jiffies()
     total = after[1] - before[1]
     return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total > 0 else 0.0
-TIMED_RUNS = 3
 
 
 def runtime_threads() -> int:
