@@ -240,12 +240,16 @@ def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
     assert cost["seconds"] is None and cost["matched"] is None and "not estimated" in cost["note"]
 
 
-def test_per_pbs_cost_is_cached_only_when_measured_on_an_idle_machine(monkeypatch):
+def test_per_pbs_cost_is_cached_only_when_measured_on_an_idle_machine(monkeypatch, tmp_path):
     """A measurement taken while other work runs is slow; cached, it would inflate every later
     estimate on this machine (as a cached cost once put the fast model at 63 s, not 38 s)."""
     import os
 
     import pbs_cost
+
+    # a cache of its own: the session's shared one may already hold costs that earlier tests
+    # measured on an idle machine (CI once failed here on such a file)
+    monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path))
 
     calls = []
     monkeypatch.setattr(pbs_cost, "_per_pbs_seconds", lambda items, n: calls.append(items) or {"seconds": 0.01})
