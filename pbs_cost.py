@@ -101,8 +101,7 @@ def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
             stored = json.loads(path.read_text())
         if key in stored:
             return stored[key]
-    load = busy_cores()  # other work running: a measurement now is slow, say so and keep it out of the cache
-    cost = _per_pbs_seconds(tuple(sorted(target.items())), n)
+    cost, load = _per_pbs_seconds(tuple(sorted(target.items())), n)
     if cost["seconds"] is not None and load >= BUSY_LOAD * (os.cpu_count() or 1):
         return {**cost, "note": f"measured while the machine was busy ({load:.1f} of {os.cpu_count()} cores in use): an overestimate"
                 + (", not cached" if cache else "")}
@@ -164,8 +163,13 @@ def _machine() -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def _per_pbs_seconds(target_items: tuple, n: int) -> dict:
-    return _measure(dict(target_items), n)
+def _per_pbs_seconds(target_items: tuple, n: int) -> tuple[dict, float]:
+    """The measured cost, and the cores that other work kept busy just before it was measured
+    (a measurement taken then is slow: per_pbs_seconds says so and keeps it out of the cache).
+    Both are remembered together, so a repeated call neither waits for a new sample nor labels
+    the remembered cost by the load of its own moment."""
+    load = busy_cores()
+    return _measure(dict(target_items), n), load
 
 
 def _measure(target: dict, n: int) -> dict:

@@ -240,7 +240,7 @@ def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
     assert cost["seconds"] is None and cost["matched"] is None and "not estimated" in cost["note"]
 
 
-def test_per_pbs_cost_is_cached_only_when_measured_on_an_idle_machine(monkeypatch, tmp_path):
+def test_per_pbs_cost_is_cached_only_when_measured_on_an_idle_machine(monkeypatch, tmp_path, request):
     """A measurement taken while other work runs is slow; cached, it would inflate every later
     estimate on this machine (as a cached cost once put the fast model at 63 s, not 38 s)."""
     import os
@@ -252,18 +252,25 @@ def test_per_pbs_cost_is_cached_only_when_measured_on_an_idle_machine(monkeypatc
     monkeypatch.setenv("CIFAR10_CACHE", str(tmp_path))
 
     calls = []
-    monkeypatch.setattr(pbs_cost, "_per_pbs_seconds", lambda items, n: calls.append(items) or {"seconds": 0.01})
+    monkeypatch.setattr(pbs_cost, "_measure", lambda target, n: calls.append(target) or {"seconds": 0.01})
+    pbs_cost._per_pbs_seconds.cache_clear()
+    request.addfinalizer(pbs_cost._per_pbs_seconds.cache_clear)  # no patched cost left for later tests
     target = dict(polynomial_size=2048, glwe_dimension=1, level=2, input_lwe_dimension=769, base_log=15)
     monkeypatch.setattr(pbs_cost, "busy_cores", lambda: 1.0 * (os.cpu_count() or 1))
     busy = pbs_cost.per_pbs_seconds(target)
     assert busy["seconds"] == 0.01 and "busy" in busy["note"] and not pbs_cost._cache_path().exists()
+    # within one process a cost is measured once, and keeps the load of its measurement
     monkeypatch.setattr(pbs_cost, "busy_cores", lambda: 0.0)
+    assert "busy" in pbs_cost.per_pbs_seconds(target)["note"] and len(calls) == 1
+    pbs_cost._per_pbs_seconds.cache_clear()  # a new process
     assert pbs_cost.per_pbs_seconds(target) == {"seconds": 0.01} and len(calls) == 2  # measured again, and kept
-    assert pbs_cost.per_pbs_seconds(target) == {"seconds": 0.01} and len(calls) == 2  # from the cache
+    pbs_cost._per_pbs_seconds.cache_clear()
+    assert pbs_cost.per_pbs_seconds(target) == {"seconds": 0.01} and len(calls) == 2  # from the disk cache
     # the benchmark measures uncached: a busy machine is named there too, an idle one is not
-    assert pbs_cost.per_pbs_seconds(target, cache=False) == {"seconds": 0.01}
+    assert pbs_cost.per_pbs_seconds(target, cache=False) == {"seconds": 0.01} and len(calls) == 3
+    pbs_cost._per_pbs_seconds.cache_clear()
     monkeypatch.setattr(pbs_cost, "busy_cores", lambda: 1.0 * (os.cpu_count() or 1))
-    assert "busy" in pbs_cost.per_pbs_seconds(target, cache=False)["note"]
+    assert "busy" in pbs_cost.per_pbs_seconds(target, cache=False)["note"] and len(calls) == 4
 
 
 def test_busy_cores_counts_use_during_its_sample_not_before(monkeypatch):
