@@ -10,8 +10,9 @@
     python train.py --model fast10w --init checkpoints/fast10w.pt --rounding-bits 5 --rounding-noise 0.1 --epochs 4 --lr 5e-4
                                                                     # and with the lookups' errors
 
-One line per epoch; a checkpoint every epoch (the self-describing `--out`, plus
-`<out>.state.pt` with the optimizer for --resume). The last `--val-size` training images
+One line per epoch, on the terminal and in `<out>.log` (with the command, the CPU and the
+code's commit of every start, resumes appended); a checkpoint every epoch (the
+self-describing `--out`, plus `<out>.state.pt` with the optimizer for --resume). The last `--val-size` training images
 are held out for validation: the test split is for final numbers only.
 """
 
@@ -33,7 +34,7 @@ from checkpoints import INITIAL_DEPLOYMENT, load_checkpoint, save_checkpoint
 from cli import UserError, check_output_file, opt, parse_config, run_main
 from fhe import ROUNDING_BITS
 from models import BIT_WIDTH_FIELDS, CONFIGS, TEACHERS, SplitNet, TeacherNet, same_layers
-from provenance import atomic_write, versions
+from provenance import STARTED_FROM, atomic_write, hardware, provenance, versions
 from pruning import accumulator_bits, apply_pruning, load_pruned_state, pruned_state
 from rounding import round_accumulators
 
@@ -72,6 +73,7 @@ class TrainConfig:
         self.out = self.out or f"checkpoints/{self.model}.pt"
         check_output_file(self.out, "--out")
         check_output_file(state_path(self.out), "--out")
+        check_output_file(log_path(self.out), "--out")
         if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
             raise UserError("--distill-alpha must be in [0, 1] and --distill-temperature > 0")
         if self.teacher and self.model in TEACHERS:
@@ -99,6 +101,23 @@ def initial_deployment(cfg: TrainConfig) -> dict:
 
 def state_path(out: str) -> Path:
     return Path(out).with_suffix(".state.pt")
+
+
+def log_path(out: str) -> Path:
+    return Path(out).with_suffix(".log")
+
+
+def open_log(cfg: TrainConfig):
+    """`<out>.log`, begun anew by a new run and appended to by a resume, opened with a line
+    naming this start: the checkpoint history has the epochs, not the machine each ran on."""
+    hw, code = hardware(), STARTED_FROM
+    commit = f"{code['commit'][:10]}{' (modified)' if code['modified'] else ''}" if code else "unknown"
+    path = log_path(cfg.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a" if cfg.resume else "w")
+    f.write(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}: {provenance(cfg)['command']} | {hw['cpu']}, {hw['cores']} cores, "
+            f"{cfg.threads or torch.get_num_threads()} threads | code {commit}\n")
+    return f
 
 
 def runtime_stats(model: nn.Module) -> dict:
@@ -243,9 +262,18 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_rng_state(st["rng"])
         g.set_state(st["loader_rng"])
         start_epoch, history = st["epoch"], st["history"]
-        print(f"resumed from {state_path(cfg.out)} after epoch {start_epoch}")
 
-    print(f"{'epoch':>5} {'loss':>7} {'train':>6} {'val':>6} {'lr':>9} {'sec':>6}")
+    log = open_log(cfg)
+
+    def say(line: str) -> None:  # to the terminal and to <out>.log, which is flushed line by line
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    say(f"config: {asdict(cfg)}")
+    if cfg.resume:
+        say(f"resumed from {state_path(cfg.out)} after epoch {start_epoch}")
+    say(f"{'epoch':>5} {'loss':>7} {'train':>6} {'val':>6} {'lr':>9} {'sec':>6}")
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         model.train()
@@ -280,7 +308,7 @@ def train(cfg: TrainConfig) -> dict:
             "seconds": time.time() - t0,
         }
         history.append(row)
-        print(f"{row['epoch']:>5} {row['loss']:7.4f} {row['train_acc']:6.4f} {row['val_acc']:6.4f} {row['lr']:9.2e} {row['seconds']:6.1f}", flush=True)
+        say(f"{row['epoch']:>5} {row['loss']:7.4f} {row['train_acc']:6.4f} {row['val_acc']:6.4f} {row['lr']:9.2e} {row['seconds']:6.1f}")
         extra = {"kind": "teacher"} if is_teacher else {"accumulators": accumulator_bits(model), "deployment": initial_deployment(cfg)}
         if teacher_info:
             extra["distilled_from"] = teacher_info
@@ -300,6 +328,7 @@ def train(cfg: TrainConfig) -> dict:
             "versions": versions(),
         }
         atomic_write(state_path(cfg.out), lambda tmp: torch.save(st, tmp))
+    log.close()
 
     if is_teacher:
         return {"history": history, "out": cfg.out}
@@ -312,7 +341,6 @@ def train(cfg: TrainConfig) -> dict:
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, __doc__.split("\n")[0])
-    print("config:", asdict(cfg))
     return train(cfg)
 
 

@@ -12,6 +12,7 @@ import train
 from checkpoints import load_checkpoint, save_checkpoint
 from cli import UserError
 from models import TEACHERS, TINY, SplitNet, TeacherNet
+from provenance import hardware
 
 
 def test_one_epoch_checkpoint_describes_itself(tiny_checkpoint):
@@ -60,6 +61,14 @@ def test_one_plus_one_epochs_equal_two(tmp_path, tiny_data_dir):
         for k in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(sb[p][k], sa[p][k])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    # <out>.log: each run's start and config (the resume's appended), then each epoch's line once, as printed
+    log = (tmp_path / "resumed.log").read_text().splitlines()
+    assert [line.startswith("# ") for line in log].count(True) == 2 and hardware()["cpu"] in log[0]
+    assert [("'resume': True" in line) for line in log if line.startswith("config:")] == [False, True]
+    assert "resumed from" in log[log.index(next(line for line in log if "'resume': True" in line)) + 1]
+    printed = [[str(r["epoch"])] + [f"{r[k]:.4f}" for k in ("loss", "train_acc", "val_acc")] for r in b["history"]]
+    assert [line.split()[:4] for line in log if line.split()[0].isdigit()] == printed
+    assert (tmp_path / "straight.log").read_text().count("\n# ") == 0
 
 
 def test_resume_without_state_fails_clearly(tmp_path, tiny_data_dir):
