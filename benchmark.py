@@ -33,7 +33,7 @@ import numpy as np
 
 from cli import UserError, check_output_file, opt, parse_config, run_main
 from pbs_cost import estimate_fhe_seconds
-from provenance import provenance, write_json
+from provenance import hardware, provenance, write_json
 
 # Published CIFAR-10 results under FHE with a time per image: their figures, on their hardware.
 PUBLISHED = [
@@ -145,6 +145,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         row["fhe_s_median"] = float(np.median(row["fhe_s_measured"]))
     row["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     row["cores"] = len(os.sched_getaffinity(0))  # the FHE run (and the per-PBS costs) used all of them
+    row["cpu"] = hardware()["cpu"]
     return row
 
 
@@ -182,6 +183,12 @@ def seconds(row) -> float | None:
     return row.get("fhe_s_median") or row.get("fhe_s_estimate")
 
 
+def machine(row) -> str:
+    """The CPU a row was measured on, short ("Intel(R) Xeon(R) Processor" -> "Intel Xeon"), and its cores."""
+    cpu = " ".join(w for w in (row.get("cpu") or "unknown CPU").replace("(R)", "").replace("(TM)", "").split() if w != "Processor")
+    return f"{cpu}, {row['cores']} cores" if row.get("cores") else cpu
+
+
 def fmt_sim(row) -> str:
     if row["sim_top1"] is None:
         return "n/a"
@@ -211,6 +218,7 @@ def fmt_linear(row) -> str:
 
 def print_table(rows: list[dict]) -> None:
     lines = [
+        ("machine", machine),
         ("checkpoint epochs", lambda r: str(r["epochs_trained"]) if r["epochs_trained"] else "untrained"),
         ("test images (top-1)", lambda r: f"{r['n_images']:,}"),
         ("p_error / rounding bits", fmt_setting),
@@ -249,7 +257,7 @@ def print_table(rows: list[dict]) -> None:
 
 def print_frontier(rows: list[dict]) -> None:
     """Ours and the published anchors, fastest first: top-1, seconds and core-seconds per image."""
-    points = [(seconds(r), r["sim_top1"], r.get("cores"), f"{r['config']} (this machine)", "measured" if r.get("fhe_s_median") else "ESTIMATE")
+    points = [(seconds(r), r["sim_top1"], r.get("cores"), f"{r['config']} ({machine(r)})", "measured" if r.get("fhe_s_median") else "ESTIMATE")
               for r in rows if seconds(r) and r["sim_top1"] is not None]
     points += [(a["seconds"], a["top1"], a["cores"], f"{a['label']} ({a['hardware']})", "published") for a in PUBLISHED]
     print("frontier (top-1: simulated, mean of the draws; s/image: FHE seconds to classify one image, "
@@ -260,6 +268,32 @@ def print_frontier(rows: list[dict]) -> None:
         print(f"  {label:<72} {top1:6.4f} {s_:9,.1f} {core_s}  {kind}")
 
 
+# Where a model's name may go beside its point, in points from it: right, above right, below
+# right, then the same on the left; the first that overlaps no point and no label placed before
+# it wins.
+LABEL_PLACES = [((7, -3), "left"), ((6, 4), "left"), ((6, -11), "left"),
+                ((-7, -3), "right"), ((-6, 4), "right"), ((-6, -11), "right")]
+
+
+def spread_labels(fig, ax, labels: list, fixed: list, points: list) -> None:
+    """Move each of `labels` (annotations, in order) to the first of LABEL_PLACES where its
+    drawn box overlaps none of `fixed`, of the markers at `points` (data coordinates) and of
+    the labels before it; where none is free, the first."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    taken = [a.get_window_extent(renderer) for a in fixed]
+    taken += [Bbox.from_bounds(x - 4, y - 4, 8, 8) for x, y in ax.transData.transform(points)]  # a marker: ~8 px
+    for label in labels:
+        for offset, align in LABEL_PLACES + LABEL_PLACES[:1]:  # none free: the first
+            label.set_position(offset)
+            label.set_horizontalalignment(align)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(t) for t in taken):
+                break
+        taken.append(box)
+
+
 def plot_frontier(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -267,33 +301,32 @@ def plot_frontier(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    labelled = []  # (log10 seconds, top-1) of the points labelled above them
-    for r in rows:
-        if not seconds(r) or r["sim_top1"] is None:
-            continue
-        measured = bool(r.get("fhe_s_median"))
-        ax.errorbar(seconds(r), r["sim_top1"], yerr=r.get("sim_top1_sd") or 0, fmt="o", color="C0", capsize=3,
-                    mfc="C0" if measured else "white")
-        here = (np.log10(seconds(r)), r["sim_top1"])
-        crowded = any(abs(here[0] - x) < 0.3 and abs(here[1] - y) < 0.012 for x, y in labelled)
-        if not crowded:
-            labelled.append(here)
-        ax.annotate(r["config"], (seconds(r), r["sim_top1"]), textcoords="offset points",
-                    xytext=(6, -11) if crowded else (6, 4), fontsize=8)  # a near neighbour's label is above: go below
+    ours = [r for r in rows if seconds(r) and r["sim_top1"] is not None]
+    color = {m: f"C{2 * i}" for i, m in enumerate(sorted({machine(r) for r in ours}))}  # seconds compare within one machine
+    labels = []
+    for r in sorted(ours, key=seconds):
+        measured, c = bool(r.get("fhe_s_median")), color[machine(r)]
+        ax.errorbar(seconds(r), r["sim_top1"], yerr=r.get("sim_top1_sd") or 0, fmt="o", color=c, capsize=3,
+                    mfc=c if measured else "white")
+        labels.append(ax.annotate(r["config"], (seconds(r), r["sim_top1"]), textcoords="offset points", xytext=(6, 4), fontsize=8))
+    for m, c in color.items():
+        ax.plot([], [], "o", color=c, label=f"ours: {m}")
+    anchors = []
     for a in PUBLISHED:
         ax.plot(a["seconds"], a["top1"], "x", color="C3")
-        ax.annotate(f"{a['label']}\n{a['hardware']} (published)", (a["seconds"], a["top1"]), textcoords="offset points",
-                    xytext=(6, -14), fontsize=7, color="C3")
+        anchors.append(ax.annotate(f"{a['label']}\n{a['hardware']} (published)", (a["seconds"], a["top1"]),
+                                   textcoords="offset points", xytext=(6, -14), fontsize=7, color="C3"))
     ax.set_xscale("log")
-    xs = [seconds(r) for r in rows if seconds(r)] + [a["seconds"] for a in PUBLISHED]
+    xs = [seconds(r) for r in ours] + [a["seconds"] for a in PUBLISHED]
     ax.set_xlim(min(xs) / 2, max(xs) * 5)  # room for the labels
     ax.set_xlabel("FHE seconds per image (log scale)")
-    n = sorted({r["n_images"] for r in rows})
+    n = sorted({r["n_images"] for r in ours})
     ax.set_ylabel(f"CIFAR-10 top-1, simulated (ours: first {'/'.join(map(str, n))} test images)", fontsize=8)
-    cores = "/".join(map(str, sorted({r["cores"] for r in rows if r.get("cores")})))
-    ax.set_title(f"Accuracy against FHE latency; ours: {cores} cores of this machine (filled: measured time, open: estimated)", fontsize=9)
+    ax.set_title("Accuracy against FHE latency (ours: filled, measured time; open, estimated)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    spread_labels(fig, ax, labels, anchors, [(seconds(r), r["sim_top1"]) for r in ours])  # once the axes are final: boxes are measured where they are drawn
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -317,8 +350,9 @@ def main(argv=None) -> list[dict] | dict:
         by_config = {}  # a config in several files: the last file's row, in the place of the first
         for path in cfg.from_json.split(","):
             saved = json.loads(Path(path).read_text())
-            for r in saved["rows"]:  # files written before rows carried their cores: the run's machine
+            for r in saved["rows"]:  # files written before rows carried their cores and CPU: the run's machine
                 r.setdefault("cores", saved.get("hardware", {}).get("cores"))
+                r.setdefault("cpu", saved.get("hardware", {}).get("cpu"))
                 by_config[r["config"]] = r
         rows = list(by_config.values())
         show(rows, cfg.plot)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from conftest import SHARED, TINY_G2, needs_dataset
 from fhe import CompileOptions, clear_features, compile_checkpoint, evaluate, quantized_logits
 from models import TINY
 from p_error_search import bisect_log
+from provenance import hardware
 
 # A very small p_error (over the ~450 PBS of the tiny circuit an error is ~1e-6 likely) and
 # exact rounding: approximate rounding may be off by one at random, in FHE as in simulation.
@@ -331,7 +333,8 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     assert f"{row['multiply_add_count']:,}" in printed.split("multiply-adds per image")[1].splitlines()[0]
     assert f"{row['fhe_s_median'] * row['cores']:,.0f}" in printed.split("core-seconds / image")[1].splitlines()[0]
     frontier = [l for l in printed.split("frontier")[1].splitlines()[2:] if l.startswith("  ")]
-    assert [l.split()[0] for l in frontier if "this machine" in l] == ["tiny"]
+    assert row["cpu"] == hardware()["cpu"] and row["cores"] == len(os.sched_getaffinity(0))
+    assert [l.split()[0] for l in frontier if f"({benchmark.machine(row)})" in l] == ["tiny"]
     assert sum("published" in l for l in frontier) == len(benchmark.PUBLISHED)
     secs = [float(l.split()[-3].replace(",", "")) for l in frontier]
     assert secs == sorted(secs)  # fastest first
@@ -344,12 +347,51 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     other.write_text(json.dumps({**json.loads(out.read_text()), "rows": [{**row, "config": "tiny_again", "n_images": 7}]}))
     both = benchmark.main(["--from-json", f"{out},{other}", "--plot", str(plot)])
     assert [(r["config"], r["n_images"]) for r in both] == [("tiny", 20), ("tiny_again", 7)]
+    # a file from before rows carried their CPU: its rows are labelled with the file's machine, not this one
+    old = {**json.loads(out.read_text()), "hardware": {"cpu": "Intel(R) Xeon(R) Processor", "cores": 16}}
+    old["rows"] = [{k: v for k, v in row.items() if k not in ("cpu", "cores")} | {"config": "tiny_old"}]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    benchmark.main(["--from-json", f"{out},{tmp_path / 'old.json'}", "--plot", str(plot)])
+    frontier = capsys.readouterr().out.split("frontier")[1]
+    assert "tiny_old (Intel Xeon, 16 cores)" in frontier and f"tiny ({benchmark.machine(row)})" in frontier
     rerun = tmp_path / "rerun.json"  # the same config measured again: the later file's row replaces it
     rerun.write_text(json.dumps({**json.loads(out.read_text()), "rows": [{**row, "n_images": 9}]}))
     assert [(r["config"], r["n_images"]) for r in benchmark.main(["--from-json", f"{out},{other},{rerun}", "--plot", str(plot)])] == [
         ("tiny", 9), ("tiny_again", 7)]
     with pytest.raises(UserError, match="no such file"):
         benchmark.main(["--from-json", str(tmp_path / "none.json")])
+
+
+def test_frontier_labels_overlap_no_point_and_no_other_label():
+    """Neighbouring models on the frontier plot (fast10w, fast10, fast10w_r5 lie within a second
+    and 2 points of each other) keep their names readable and beside their own points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    import benchmark
+
+    points = [(6.4, 0.764), (12.1, 0.760), (12.9, 0.745), (13.4, 0.736), (33.1, 0.786), (36.0, 0.793)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(*zip(*points), "o")
+    labels = [ax.annotate(f"model_{i}_name", p, textcoords="offset points", xytext=(6, 4), fontsize=8) for i, p in enumerate(points)]
+    ax.set_xscale("log")
+    ax.set_xlim(3, 20000)
+    ax.set_ylim(0.55, 0.87)
+    fig.tight_layout()
+    benchmark.spread_labels(fig, ax, labels, [], points)
+    renderer = fig.canvas.get_renderer()
+    boxes = [l.get_window_extent(renderer) for l in labels]
+    markers = [Bbox.from_bounds(x - 4, y - 4, 8, 8) for x, y in ax.transData.transform(points)]
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[:i] + boxes[i + 1:] + markers), f"label {i}"
+        # beside its own point: its nearest edge within 12 px of the marker's centre, both ways
+        x, y = ax.transData.transform(points[i])
+        assert min(abs(box.x0 - x), abs(box.x1 - x)) < 12 and (box.y0 - 12 < y < box.y1 + 12)
+    plt.close(fig)
 
 
 def test_run_estimate_scales_to_the_servers_threads(monkeypatch, capsys):
