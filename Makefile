@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The shared offline copy of CIFAR-10 when it is there, else ./data (downloaded by torchvision)
 export CIFAR10_DIR ?= $(if $(wildcard ../shared/datasets/cifar10),../shared/datasets/cifar10,./data)
 
-.PHONY: install run test test-all notebook
+.PHONY: install run test test-all notebook training
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,23 @@ test-all: install
 
 notebook: install
 	$(PY) tools/run_notebook.py --write --mode $${NOTEBOOK_MODE:-quick}
+
+# The queue of long trainings for the frontier (issue 12, README "In training"), in order, each
+# resumed from its <out>.state.pt where one exists: run it in the background, and run it again
+# after any interruption (a lost epoch is the only loss):
+#   nohup make training > runs/training.out 2>&1 &
+# The teacher resnet_w (40 epochs), evaluated on the test split and copied to checkpoints/ when
+# done; then fast10g distilled from it from scratch (30 epochs, fast10g_kd's schedule). The
+# p_error search and the benchmark of a finished student are run by hand (README).
+TRAINING ?= checkpoints/in_training
+resume = $(if $(wildcard $(TRAINING)/$(1).state.pt),--resume)
+
+training: checkpoints/resnet_w.pt | install
+	$(PY) train.py --model fast10g --epochs 30 --label-smoothing 0.1 --teacher checkpoints/resnet_w.pt \
+		--workers 0 --threads 2 --out $(TRAINING)/fast10g_kdw.pt $(call resume,fast10g_kdw)
+
+checkpoints/resnet_w.pt: | install
+	$(PY) train.py --model resnet_w --epochs 40 --lr 5e-3 --weight-decay 0.05 --label-smoothing 0.1 \
+		--threads 2 --workers 0 --out $(TRAINING)/resnet_w.pt $(call resume,resnet_w)
+	$(PY) infer_torch.py --checkpoint $(TRAINING)/resnet_w.pt --json results/resnet_w_torch.json
+	cp $(TRAINING)/resnet_w.pt $@

@@ -4,6 +4,7 @@ and an accumulator bound that holds in the compiled circuit."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,24 @@ def test_init_of_a_float_teacher_needs_its_own_config(tmp_path):
     assert train.load_init(TeacherNet(dataclasses.replace(TEACHERS["resnet_tiny"])), str(tmp_path / "t.pt"))["model"] == "resnet_tiny"
     with pytest.raises(UserError, match="layers differ"):
         train.load_init(TeacherNet(dataclasses.replace(TEACHERS["resnet"])), str(tmp_path / "t.pt"))
+
+
+def test_make_training_resumes_each_run_that_has_a_state(tmp_path):
+    """`make training` (the background queue of long runs) passes --resume to exactly the
+    train.py runs whose training state exists, so that running it again after an interruption
+    continues instead of starting over or failing on a missing state."""
+    import subprocess
+
+    from conftest import ROOT
+
+    def dry_run():
+        out = subprocess.run(["make", "-n", "-C", str(ROOT), "training", f"TRAINING={tmp_path}", "PY=python"],
+                             capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
+        return [line for line in out.splitlines() if "train.py" in line]
+
+    runs = dry_run()
+    assert runs and not any("--resume" in line for line in runs)
+    for line in runs:
+        (tmp_path / Path(line.split("--out ")[1].split()[0]).name).with_suffix(".state.pt").write_bytes(b"")
+    resumed = dry_run()
+    assert len(resumed) == len(runs) and all(line.rstrip().endswith("--resume") for line in resumed)
