@@ -59,6 +59,7 @@ SETTINGS = {
     "fast10w_a4": {},  # fast10w fine-tuned to a 5-bit split and 4-bit activations (train.py --init)
     "fast_kd": {},  # fast's layout trained from scratch distilled from the teacher (train.py --teacher)
     "fast10g": {},  # the 570-lookup layout for the 10 s target (models.py) untrained: its costs alone
+    "fast10g4": {},  # fast10g behind a clear conv of 512 channels, its encrypted conv in 4 groups (models.py): untrained
     "fast10g_kd": {},  # fast10g trained from scratch distilled from the teacher (train.py --teacher)
     "accurate": {},  # a frontier candidate (models.py) not trained yet: costs from an untrained model
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
@@ -323,7 +324,8 @@ def plot_frontier(rows: list[dict], path: str) -> None:
     n = sorted({r["n_images"] for r in ours})
     ax.set_ylabel(f"CIFAR-10 top-1, simulated (ours: first {'/'.join(map(str, n))} test images)", fontsize=8)
     ax.set_title("Accuracy against FHE latency (ours: filled, measured time; open, estimated)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
+    if color:
+        ax.legend(fontsize=7, loc="lower left")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     spread_labels(fig, ax, labels, anchors, [(seconds(r), r["sim_top1"]) for r in ours])  # once the axes are final: boxes are measured where they are drawn

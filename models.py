@@ -127,8 +127,12 @@ FAST10W_A4 = dataclasses.replace(FAST10W, name="fast10w_a4", split_bits=5, act_b
 # fast10g: for the 10 s target on the Xeon (about 650 lookups with 1M multiply-adds at most,
 # README "What 10 seconds buy"): fast10w's clear part, its encrypted conv unpadded with a 4 x 4
 # kernel (3 x 3 outputs: 432 lookups where fast10w has 768) in 2 groups (913k multiply-adds
-# where fast10w has 1.8M), a hidden linear of 128: 570 lookups. In training (checkpoints/in_training/).
+# where fast10w has 1.8M), a hidden linear of 128: 570 lookups. Shipped distilled (fast10g_kd.pt).
 FAST10G = dataclasses.replace(FAST10W, name="fast10g", convs=[(48, 4, 2, 0, 0, 2)], fcs=[128])
+# fast10g4: fast10g behind a clear conv twice as wide (512 channels), its encrypted conv in 4
+# groups: each output still reads 128 channels, so the same 570 lookups and multiply-adds, from
+# twice as many features and twice as many input ciphertexts (32,768). Not trained.
+FAST10G4 = dataclasses.replace(FAST10G, name="fast10g4", clear_conv=(512, 5, 1, 2), convs=[(48, 4, 2, 0, 0, 4)])
 ACCURATE = dataclasses.replace(FAST, name="accurate", clear_pool=2, convs=[(48, 3, 2, 1, 0), (96, 3, 2, 1, 0)], fcs=[128])
 
 # A few hundred parameters: for tests and smoke runs (real FHE in seconds). The fast model's
@@ -148,7 +152,7 @@ def same_layers(a, b) -> bool:
     return dataclasses.replace(a, **ignore) == dataclasses.replace(b, **ignore)
 
 
-CONFIGS = {"reference": REFERENCE, "fast": FAST, "fast10": FAST10, "fast10w": FAST10W, "fast10w_a4": FAST10W_A4, "fast10g": FAST10G, "accurate": ACCURATE, "tiny": TINY}
+CONFIGS = {"reference": REFERENCE, "fast": FAST, "fast10": FAST10, "fast10w": FAST10W, "fast10w_a4": FAST10W_A4, "fast10g": FAST10G, "fast10g4": FAST10G4, "accurate": ACCURATE, "tiny": TINY}
 
 
 # ---------------------------------------------------------------- the float teacher
