@@ -116,7 +116,7 @@ def open_log(cfg: TrainConfig):
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a" if cfg.resume else "w")
     f.write(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}: {provenance(cfg)['command']} | {hw['cpu']}, {hw['cores']} cores, "
-            f"{cfg.threads or torch.get_num_threads()} threads | code {commit}\n")
+            f"torch threads {cfg.threads or torch.get_num_threads()} | code {commit}\n")
     return f
 
 
