@@ -319,6 +319,7 @@ def test_shipped_fast_model_under_real_fhe(tmp_path):
 
 def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tmp_path, capsys):
     import benchmark
+    import frontier
 
     out, plot = tmp_path / "bench.json", tmp_path / "frontier.png"
     args = ["--configs", "tiny", "--checkpoint-dir", str(tiny_checkpoint.parent), "--data-dir", str(tiny_data_dir),
@@ -332,11 +333,11 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     printed = capsys.readouterr().out
     assert f"{row['multiply_add_count']:,}" in printed.split("multiply-adds per image")[1].splitlines()[0]
     assert f"{row['fhe_s_median'] * row['cores']:,.0f}" in printed.split("core-seconds / image")[1].splitlines()[0]
-    frontier = [l for l in printed.split("frontier")[1].splitlines()[2:] if l.startswith("  ")]
+    front = [l for l in printed.split("frontier")[1].splitlines()[2:] if l.startswith("  ")]
     assert row["cpu"] == hardware()["cpu"] and row["cores"] == len(os.sched_getaffinity(0))
-    assert [l.split()[0] for l in frontier if f"({benchmark.machine(row)})" in l] == ["tiny"]
-    assert sum("published" in l for l in frontier) == len(benchmark.PUBLISHED)
-    secs = [float(l.split()[-3].replace(",", "")) for l in frontier]
+    assert [l.split()[0] for l in front if f"({frontier.machine(row)})" in l] == ["tiny"]
+    assert sum("published" in l for l in front) == len(frontier.PUBLISHED)
+    secs = [float(l.split()[-3].replace(",", "")) for l in front]
     assert secs == sorted(secs)  # fastest first
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot.unlink()
@@ -353,8 +354,8 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     (tmp_path / "old.json").write_text(json.dumps(old))
     capsys.readouterr()
     benchmark.main(["--from-json", f"{out},{tmp_path / 'old.json'}", "--plot", str(plot)])
-    frontier = capsys.readouterr().out.split("frontier")[1]
-    assert "tiny_old (Intel Xeon, 16 cores)" in frontier and f"tiny ({benchmark.machine(row)})" in frontier
+    front = capsys.readouterr().out.split("frontier")[1]
+    assert "tiny_old (Intel Xeon, 16 cores)" in front and f"tiny ({frontier.machine(row)})" in front
     rerun = tmp_path / "rerun.json"  # the same config measured again: the later file's row replaces it
     rerun.write_text(json.dumps({**json.loads(out.read_text()), "rows": [{**row, "n_images": 9}]}))
     assert [(r["config"], r["n_images"]) for r in benchmark.main(["--from-json", f"{out},{other},{rerun}", "--plot", str(plot)])] == [
@@ -372,7 +373,7 @@ def test_frontier_labels_overlap_no_point_and_no_other_label():
     import matplotlib.pyplot as plt
     from matplotlib.transforms import Bbox
 
-    import benchmark
+    import frontier
 
     points = [(6.4, 0.764), (12.1, 0.760), (12.9, 0.745), (13.4, 0.736), (33.1, 0.786), (36.0, 0.793)]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -382,7 +383,7 @@ def test_frontier_labels_overlap_no_point_and_no_other_label():
     ax.set_xlim(3, 20000)
     ax.set_ylim(0.55, 0.87)
     fig.tight_layout()
-    benchmark.spread_labels(fig, ax, labels, [], points)
+    frontier.spread_labels(fig, ax, labels, [], points)
     renderer = fig.canvas.get_renderer()
     boxes = [l.get_window_extent(renderer) for l in labels]
     markers = [Bbox.from_bounds(x - 4, y - 4, 8, 8) for x, y in ax.transData.transform(points)]
