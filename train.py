@@ -10,10 +10,10 @@
     python train.py --model fast10w --init checkpoints/fast10w.pt --rounding-bits 5 --rounding-noise 0.1 --epochs 4 --lr 5e-4
                                                                     # and with the lookups' errors
 
-One line per epoch, on the terminal and in `<out>.log` (with the command, the CPU and the
-code's commit of every start, resumes appended); a checkpoint every epoch (the
-self-describing `--out`, plus `<out>.state.pt` with the optimizer for --resume). The last `--val-size` training images
-are held out for validation: the test split is for final numbers only.
+One line per epoch, on the terminal and in `<out>.log` (each start headed by its command, CPU
+and code commit; a resume appends); a checkpoint every epoch (the self-describing `--out`, plus
+`<out>.state.pt` with the optimizer for --resume). The last `--val-size` training images are
+held out for validation: the test split is for final numbers only.
 """
 
 from __future__ import annotations
