@@ -166,7 +166,8 @@ def plot_frontier(rows: list[dict], path: str) -> None:
         ax.legend(fontsize=7, loc="lower left")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    spread_labels(fig, ax, labels, anchors, [(seconds(r), r["sim_top1"]) for r in ours])  # once the axes are final: boxes are measured where they are drawn
+    # once the axes are final: the boxes are measured where they are drawn
+    spread_labels(fig, ax, labels, anchors, [(seconds(r), r["sim_top1"]) for r in ours])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
