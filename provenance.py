@@ -59,11 +59,16 @@ def code_version(root: str | os.PathLike = Path(__file__).parent) -> dict | None
 STARTED_FROM = code_version()
 
 
+def command_line() -> str:
+    """This process's command, as typed (the script's file name, then its arguments)."""
+    return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+
+
 def provenance(config) -> dict:
     """The command, its config (with the effective FHE settings filled in), the code's commit
     when the process started, versions, hardware."""
     return {
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": command_line(),
         "config": asdict(config) if dataclasses.is_dataclass(config) else config,
         "code": STARTED_FROM,
         "versions": versions(),
