@@ -164,22 +164,37 @@ def test_init_of_a_float_teacher_needs_its_own_config(tmp_path):
         train.load_init(TeacherNet(dataclasses.replace(TEACHERS["resnet"])), str(tmp_path / "t.pt"))
 
 
-def test_make_training_resumes_each_run_that_has_a_state(tmp_path):
+def test_make_training_resumes_each_run_and_evaluates_each_student(tmp_path):
     """`make training` (the background queue of long runs) passes --resume to exactly the
     train.py runs whose training state exists, so that running it again after an interruption
-    continues instead of starting over or failing on a missing state."""
+    continues instead of starting over or failing on a missing state; and after each student
+    it searches p_error into that student's checkpoint and benchmarks it from the same folder
+    (a row benchmark.py knows)."""
     import subprocess
 
+    import benchmark
     from conftest import ROOT
 
-    def dry_run():
-        out = subprocess.run(["make", "-n", "-C", str(ROOT), "training", f"TRAINING={tmp_path}", "PY=python"],
+    def dry_run():  # -B: every step, also those whose output a finished run has left
+        out = subprocess.run(["make", "-B", "-n", "-C", str(ROOT), "training", f"TRAINING={tmp_path}", "PY=python"],
                              capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
-        return [line for line in out.splitlines() if "train.py" in line]
+        return [line for line in out.splitlines() if "python " in line]
 
-    runs = dry_run()
-    assert runs and not any("--resume" in line for line in runs)
-    for line in runs:
+    def runs(lines):
+        return [line for line in lines if "train.py" in line]
+
+    lines = dry_run()
+    assert runs(lines) and not any("--resume" in line for line in runs(lines))
+    students = [line for line in runs(lines) if "--teacher" in line]
+    assert students
+    for line in students:
+        out = Path(line.split("--out ")[1].split()[0])
+        after = lines[lines.index(line) + 1:]
+        search = next(i for i, l in enumerate(after) if "p_error_search.py" in l)
+        assert f"--checkpoint {out}" in after[search] and "--write" in after[search]
+        bench = next(l for l in after[search:] if "benchmark.py" in l)
+        assert f"--configs {out.stem}" in bench and f"--checkpoint-dir {tmp_path}" in bench and out.stem in benchmark.SETTINGS
+    for line in runs(lines):
         (tmp_path / Path(line.split("--out ")[1].split()[0]).name).with_suffix(".state.pt").write_bytes(b"")
-    resumed = dry_run()
-    assert len(resumed) == len(runs) and all(line.rstrip().endswith("--resume") for line in resumed)
+    resumed = runs(dry_run())
+    assert len(resumed) == len(runs(lines)) and all(line.rstrip().endswith("--resume") for line in resumed)
