@@ -117,15 +117,15 @@ FAST = ModelConfig(
 FAST10 = dataclasses.replace(FAST, name="fast10", convs=[(48, 3, 2, 1, 0)], fcs=[64])
 # fast10w: fast10 behind a wider clear conv (256 channels, 5 x 5): the same 842 PBS, since the
 # clear layer is free under FHE; only the encrypted conv's multiply-adds double (fewer than
-# fast's). 1.5 points above fast10 at about the same FHE time (README, "Side by side").
+# fast's). 1.5 points above fast10 at about the same FHE time (RESULTS.md, "Side by side").
 FAST10W = dataclasses.replace(FAST10, name="fast10w", clear_conv=(256, 5, 1, 2))
 # fast10w_a4: fast10w with a 5-bit split quantizer and 4-bit activations (weights stay 3-bit):
 # fast10w's lookups and multiply-adds, wider accumulators (15 bits, rounded to 6 before each
 # lookup). Fine-tuned from fast10w (train.py --init), it gained nothing on the test split and
-# tolerated a smaller p_error, hence a costlier bootstrap (README, "Fine-tuning fast10w"); not shipped.
+# tolerated a smaller p_error, hence a costlier bootstrap (RESULTS.md, "Fine-tuning fast10w"); not shipped.
 FAST10W_A4 = dataclasses.replace(FAST10W, name="fast10w_a4", split_bits=5, act_bits=4)
 # fast10g: for the 10 s target on the Xeon (about 650 lookups with 1M multiply-adds at most,
-# README "What 10 seconds buy"): fast10w's clear part, its encrypted conv unpadded with a 4 x 4
+# RESULTS.md "What 10 seconds buy"): fast10w's clear part, its encrypted conv unpadded with a 4 x 4
 # kernel (3 x 3 outputs: 432 lookups where fast10w has 768) in 2 groups (913k multiply-adds
 # where fast10w has 1.8M), a hidden linear of 128: 570 lookups. Shipped distilled (fast10g_kd.pt).
 FAST10G = dataclasses.replace(FAST10W, name="fast10g", convs=[(48, 4, 2, 0, 0, 2)], fcs=[128])

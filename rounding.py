@@ -17,7 +17,7 @@ by a bit; given Concrete's B (`lsbs`), the rounding is Concrete's (tests/test_ro
 `noise`: under FHE, and in Concrete's simulation, a table lookup reads its (rounded) input off
 by one step with probability p_error, up or down. Training with the same errors (in training
 mode only) is meant to teach the model to tolerate them, for a larger p_error and cheaper crypto
-parameters; on fast10w at 5 bits and p_error 0.119 it gained nothing measurable (README).
+parameters; on fast10w at 5 bits and p_error 0.119 it gained nothing measurable (RESULTS.md).
 """
 
 from __future__ import annotations
