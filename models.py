@@ -313,8 +313,19 @@ class ClearModule(nn.Module):
         self.pool = pool_cls(cfg.clear_pool) if cfg.clear_pool else nn.Identity()
         self.quant = split_quant  # shared with EncryptedModule.layers[0]
 
+    # train.py --bf16 sets this: while training, the conv, batch norm and pooling run in bfloat16
+    # (CPU autocast). Their full-resolution maps (B x C x 32 x 32) are most of a student's
+    # training step, and bound by memory traffic, which bfloat16 halves. The split quantizer
+    # and all after it stay float32, as does every forward in eval mode (validation, export, FHE).
+    low_precision = False
+
     def forward(self, x):  # (B, 3, 32, 32) -> (B, C, H', W')
-        x = self.pool(self.bn(self.conv(x)))
+        if self.low_precision and self.training:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x = self.pool(self.bn(self.conv(x)))
+            x = x.float()
+        else:
+            x = self.pool(self.bn(self.conv(x)))
         return self.quant(x).value  # a float tensor holding the quantized values
 
 

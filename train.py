@@ -4,6 +4,7 @@
     python train.py --model fast --epochs 60 --out checkpoints/fast.pt --resume
     python train.py --model resnet --epochs 30                      # a float teacher
     python train.py --model fast --teacher checkpoints/resnet.pt    # distilled from it
+    python train.py --model fast --teacher checkpoints/resnet.pt --bf16    # its clear layer and teacher in bfloat16
     python train.py --model fast10w --rounding-bits 5               # rounding-aware (rounding.py)
     python train.py --model fast --init checkpoints/fast.pt --rounding-bits 5 --epochs 5 --lr 5e-4
                                                                     # fine-tuned from trained weights
@@ -64,6 +65,9 @@ class TrainConfig:
                              "(rounding.py; 2 to 8), and deploy at N bits; 0: no rounding while training, deployed at 6")
     rounding_noise: float = opt(0.0, "with --rounding-bits: move each rounded accumulator one step up or down with this probability "
                                 "while training, as a lookup at p_error P reads it under FHE (0 to 0.5; 0: exact)")
+    bf16: bool = opt(False, "compute in bfloat16 while training (CPU autocast; faster where the CPU has AMX or AVX-512 BF16): "
+                     "a float teacher (--model resnet*) whole, a split model's clear layer (conv, batch norm, pooling) and "
+                     "its --teacher; quantizers, validation and checkpoints stay float32")
     resume: bool = opt(False, "continue from <out>.state.pt")
     max_steps: int | None = opt(None, "stop each epoch after N steps (smoke tests)")
 
@@ -219,6 +223,7 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.accumulator_bits is not None:
             model_cfg.accumulator_bits = cfg.accumulator_bits
         model, bits = SplitNet(model_cfg), model_cfg.accumulator_bits
+        model.clear.low_precision = cfg.bf16
     init_info = load_init(model, cfg.init) if cfg.init else None  # a resume then loads its own weights over these
     resume_state = None
     if cfg.resume:
@@ -283,12 +288,13 @@ def train(cfg: TrainConfig) -> dict:
         for step, (x, y) in enumerate(bar):
             if step >= steps_per_epoch:
                 break
-            out = model(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and is_teacher):  # a split model: ClearModule's own
+                out = model(x).float()
             if teacher is None:
                 loss = loss_fn(out, y)
             else:
-                with torch.no_grad():
-                    soft = teacher(x)  # the same augmented images
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                    soft = teacher(x).float()  # the same augmented images
                 loss = distillation_loss(out, soft, y, cfg.distill_alpha, cfg.distill_temperature, loss_fn)
             opt_.zero_grad(set_to_none=True)
             loss.backward()

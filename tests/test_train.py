@@ -198,3 +198,38 @@ def test_make_training_resumes_each_run_and_evaluates_each_student(tmp_path):
         (tmp_path / Path(line.split("--out ")[1].split()[0]).name).with_suffix(".state.pt").write_bytes(b"")
     resumed = runs(dry_run())
     assert len(resumed) == len(runs(lines)) and all(line.rstrip().endswith("--resume") for line in resumed)
+
+
+def test_bf16_computes_the_clear_layer_and_the_teachers_in_bfloat16_only_while_training(tmp_path, tiny_data_dir, monkeypatch):
+    """--bf16: a split model's clear conv, batch norm and pooling run in bfloat16 in training
+    mode only (validation, export and FHE see float32), the --teacher runs under autocast, a
+    float teacher trains under it; each changes what is learned, and the checkpoints stay float32."""
+    import models
+
+    net = SplitNet(TINY)
+    net.clear.low_precision = True
+    seen = []
+    net.clear.bn.register_forward_hook(lambda m, i, o: seen.append(i[0].dtype))
+    x = torch.randn(4, 3, 32, 32)
+    out_train = net.train().clear(x)
+    out_eval = net.eval().clear(x)
+    assert seen == [torch.bfloat16, torch.float32] and out_train.dtype == out_eval.dtype == torch.float32
+
+    args = ["--data-dir", str(tiny_data_dir), "--val-size", "10", "--batch-size", "16", "--workers", "0", "--epochs", "1"]
+    ckpts = {}
+    for model in ("tiny", "resnet_tiny"):
+        for bf16 in ([], ["--bf16"]):
+            out = tmp_path / f"{model}{len(bf16)}.pt"
+            train.main(["--model", model, "--out", str(out)] + args + bf16)
+            ckpts[model, bool(bf16)] = load_checkpoint(out, teacher_ok=True)[1]
+    for model in ("tiny", "resnet_tiny"):
+        plain, bf = ckpts[model, False], ckpts[model, True]
+        assert bf["train_config"]["bf16"] and not plain["train_config"]["bf16"]
+        assert all(v.dtype != torch.bfloat16 for v in bf["model"].values())
+        assert any(not torch.equal(plain["model"][k], bf["model"][k]) for k in plain["model"]), model
+
+    autocast = []
+    forward = models.TeacherNet.forward
+    monkeypatch.setattr(models.TeacherNet, "forward", lambda self, x: autocast.append(torch.is_autocast_cpu_enabled()) or forward(self, x))
+    train.main(["--model", "tiny", "--out", str(tmp_path / "kd.pt"), "--teacher", str(tmp_path / "resnet_tiny0.pt"), "--bf16"] + args)
+    assert autocast and all(autocast)
