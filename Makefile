@@ -67,6 +67,6 @@ results/benchmark_%_kdw.json: checkpoints/resnet_w.pt | install
 
 checkpoints/resnet_w.pt: | install
 	$(PY) train.py --model resnet_w --epochs 40 --lr 5e-3 --weight-decay 0.05 --label-smoothing 0.1 \
-		--threads 2 --workers 0 --out $(TRAINING)/resnet_w.pt $(call resume,resnet_w)
+		--bf16 --threads 2 --workers 0 --out $(TRAINING)/resnet_w.pt $(call resume,resnet_w)
 	$(PY) infer_torch.py --checkpoint $(TRAINING)/resnet_w.pt --json results/resnet_w_torch.json
 	cp $(TRAINING)/resnet_w.pt $@
