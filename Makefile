@@ -43,21 +43,24 @@ notebook: install
 # after any interruption (a lost epoch is the only loss; a finished step is not run again):
 #   nohup make training > runs/training.out 2>&1 &
 # The teacher resnet_w (40 epochs), evaluated on the test split and copied to checkpoints/ when
-# done; then each student, distilled from it from scratch with fast10g_kd's schedule (30
-# epochs; --bf16: about 1.5 times faster here, the same validation top-1, RESULTS.md): fast10g4 (the candidate for the fast target), then fast10g (the same student as
-# fast10g_kd: what the teacher alone gives). A finished student is evaluated in torch, its
-# p_error searched and written into it as fast10g_kd's was, and benchmarked (full test split,
-# 3 simulations, 5 images in real FHE) from checkpoints/in_training/; the benchmark's JSON marks
-# the step done. Shipping it (a copy to checkpoints/, benchmark.py's default rows, the README) is
-# decided by hand on those results.
+# done; then each student, distilled from it from scratch with the schedule of the model it
+# follows, 30 epochs (fast10g_kd's) or fast_kd's 40 for fast (--bf16: about 1.5 times faster
+# here, the same validation top-1, RESULTS.md): fast10g4 (the candidate for the fast target),
+# fast (fast_kd's layout and schedule: what the stronger teacher gives the default model), fast10g
+# (fast10g_kd's). A finished student is evaluated in torch, its p_error searched and written
+# into it as fast10g_kd's was, and benchmarked (full test split, 3 simulations, 5 images in real
+# FHE) from checkpoints/in_training/; the benchmark's JSON marks the step done. Shipping it (a
+# copy to checkpoints/, benchmark.py's default rows, the README) is decided by hand on those
+# results.
 TRAINING ?= checkpoints/in_training
-STUDENTS := fast10g4 fast10g
+STUDENTS := fast10g4 fast fast10g
+EPOCHS_fast := 40
 resume = $(if $(wildcard $(TRAINING)/$(1).state.pt),--resume)
 
 training: $(STUDENTS:%=results/benchmark_%_kdw.json)
 
 results/benchmark_%_kdw.json: checkpoints/resnet_w.pt | install
-	$(PY) train.py --model $* --epochs 30 --label-smoothing 0.1 --teacher checkpoints/resnet_w.pt \
+	$(PY) train.py --model $* --epochs $(or $(EPOCHS_$*),30) --label-smoothing 0.1 --teacher checkpoints/resnet_w.pt \
 		--bf16 --workers 0 --threads 2 --out $(TRAINING)/$*_kdw.pt $(call resume,$*_kdw)
 	$(PY) infer_torch.py --checkpoint $(TRAINING)/$*_kdw.pt --json results/$*_kdw_torch.json
 	$(PY) p_error_search.py --checkpoint $(TRAINING)/$*_kdw.pt --rounding-bits 6 --tolerance 0.005 --n-images 1000 \

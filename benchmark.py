@@ -53,6 +53,7 @@ SETTINGS = {
     "fast10g4": {},  # fast10g behind a clear conv of 512 channels, its encrypted conv in 4 groups (models.py): untrained
     "fast10g_kd": {},  # fast10g trained from scratch distilled from the teacher (train.py --teacher)
     "fast10g4_kdw": {},  # make training's students, distilled from resnet_w: benchmarked from checkpoints/in_training/
+    "fast_kdw": {},
     "fast10g_kdw": {},
     "accurate": {},  # a frontier candidate (models.py) not trained yet: costs from an untrained model
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
