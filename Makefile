@@ -47,11 +47,11 @@ notebook: install
 # follows, 30 epochs (fast10g_kd's) or fast_kd's 40 for the others (--bf16: about 1.5 times
 # faster here, the same validation top-1, RESULTS.md): fast10g4 (the candidate for the fast
 # target), fast (fast_kd's layout and schedule: what the stronger teacher gives the default
-# model), accurate60 (the 4,106-lookup candidate for the 60 s target). A finished student is evaluated in torch, its p_error searched and written
-# into it as fast10g_kd's was, and benchmarked (full test split, 3 simulations, 5 images in real
-# FHE) from checkpoints/in_training/; the benchmark's JSON marks the step done. Shipping it (a
-# copy to checkpoints/, benchmark.py's default rows, the README) is decided by hand on those
-# results.
+# model), accurate60 (the 4,106-lookup candidate for the 60 s target). A finished student is
+# evaluated in torch, its p_error searched and written into it as fast10g_kd's was, and
+# benchmarked (full test split, 3 simulations, 5 images in real FHE) from checkpoints/in_training/;
+# the benchmark's JSON marks the step done. Shipping it (a copy to checkpoints/, benchmark.py's
+# default rows, the README) is decided by hand on those results.
 TRAINING ?= checkpoints/in_training
 STUDENTS := fast10g4 fast accurate60
 EPOCHS_fast := 40
