@@ -56,6 +56,10 @@ TRAINING ?= checkpoints/in_training
 STUDENTS := fast10g4 fast accurate60
 EPOCHS_fast := 40
 EPOCHS_accurate60 := 40
+# The search's tolerance (top-1 drop from the clear quantized model on 1,000 training images):
+# fast10g_kd's 0.005, except accurate60, whose 6-bit rounding alone lost 0.0065 at p_error 1e-6
+# (results/accurate60/p_error_search_tolerance_0.005.log), so no p_error met 0.005.
+TOLERANCE_accurate60 := 0.01
 resume = $(if $(wildcard $(TRAINING)/$(1).state.pt),--resume)
 
 training: $(STUDENTS:%=results/benchmark_%_kdw.json)
@@ -64,7 +68,7 @@ results/benchmark_%_kdw.json: checkpoints/resnet_w.pt | install
 	$(PY) train.py --model $* --epochs $(or $(EPOCHS_$*),30) --label-smoothing 0.1 --teacher checkpoints/resnet_w.pt \
 		--bf16 --workers 0 --threads 2 --out $(TRAINING)/$*_kdw.pt $(call resume,$*_kdw)
 	$(PY) infer_torch.py --checkpoint $(TRAINING)/$*_kdw.pt --json results/$*_kdw_torch.json
-	$(PY) p_error_search.py --checkpoint $(TRAINING)/$*_kdw.pt --rounding-bits 6 --tolerance 0.005 --n-images 1000 \
+	$(PY) p_error_search.py --checkpoint $(TRAINING)/$*_kdw.pt --rounding-bits 6 --tolerance $(or $(TOLERANCE_$*),0.005) --n-images 1000 \
 		--max-iter 6 --n-sim 2 --n-validation 20 --workers 2 --write --json results/p_error_search_$*_kdw.json
 	$(PY) benchmark.py --configs $*_kdw --checkpoint-dir $(TRAINING) --n-images 10000 --repeats 3 --n-fhe 5 \
 		--json $@ --plot runs/frontier_$*_kdw.png
