@@ -55,6 +55,7 @@ SETTINGS = {
     "fast10g4_kdw": {},  # make training's students, distilled from resnet_w: benchmarked from checkpoints/in_training/
     "fast_kdw": {},
     "accurate60_kdw": {},
+    "fast_a4_kdw": {},
     "accurate": {},  # a frontier candidate (models.py) not trained yet: costs from an untrained model
     "accurate60": {},  # the 4,106-lookup candidate for the 60 s target (models.py), untrained: its costs alone
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
