@@ -116,7 +116,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     else:
         # No trained checkpoint: the cost columns (PBS, bit widths, crypto parameters, keys,
         # time) do not need one; the accuracy columns do, and stay empty.
-        print(f"no {o.checkpoint}: costs from an untrained {name} model at the initial settings, no accuracy")
+        print(f"no {o.checkpoint}: costs from an untrained {name} model at the initial settings, no accuracy", file=sys.stderr)
         resolve_settings(o, {"deployment": INITIAL_DEPLOYMENT})
         model, qm, report = untrained_compiled(CONFIGS[model_name], o)
         top1 = {"torch_top1": None, "sim_top1": None, "sim_top1_sd": None, "sim_top1_draws": [], "epochs_trained": 0}
@@ -136,7 +136,10 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
             client, server_dir, keygen_s = deploy_local(qm, model, tmp)
             keys = FHEServer.load_keys(client.evaluation_keys())
             server = FHEServer(server_dir)
-            runs = [classify(client, server, keys, images[i]) for i in range(cfg.n_fhe)]
+            runs = []
+            for i in range(cfg.n_fhe):
+                runs.append(classify(client, server, keys, images[i]))
+                print(f"{name}: image {i + 1}/{cfg.n_fhe} in FHE, {runs[-1][1]['server']:.1f} s", file=sys.stderr, flush=True)
         row["keygen_seconds"] = keygen_s
         row["fhe_s_measured"] = [t["server"] for _, t, _ in runs]
         row["fhe_s_median"] = float(np.median(row["fhe_s_measured"]))
@@ -196,10 +199,11 @@ def main(argv=None) -> list[dict] | dict:
                 "--max-fhe-s", str(cfg.max_fhe_s), "--checkpoint-dir", cfg.checkpoint_dir]
         if cfg.data_dir:
             args += ["--data-dir", cfg.data_dir]
-        proc = subprocess.run(args, capture_output=True, text=True)
+        # its stderr (progress bars, one line per FHE image, errors) shows as it runs; stdout holds the row
+        proc = subprocess.run(args, stdout=subprocess.PIPE, text=True)
         found = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_ROW ")]
         if proc.returncode != 0 or not found:
-            raise UserError(f"benchmark of {name} failed:\n{proc.stderr.strip()[-2000:]}")
+            raise UserError(f"benchmark of {name} failed (exit status {proc.returncode}); its error is printed above")
         rows.append(json.loads(found[-1][len("BENCH_ROW "):]))
     if cfg.json:
         write_json(cfg.json, {"rows": rows, "published": PUBLISHED, **provenance(cfg)})

@@ -317,7 +317,7 @@ def test_shipped_fast_model_under_real_fhe(tmp_path):
     assert np.corrcoef(fhe_logits, sim_logits)[0, 1] > 0.9
 
 
-def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tmp_path, capsys):
+def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tmp_path, capfd):
     import benchmark
     import frontier
 
@@ -330,7 +330,9 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     linear = row["estimate_multiply_adds"]  # the tiny model's encrypted conv and linear layers
     assert linear["multiply_adds"] == row["multiply_add_count"] > 0 and linear["seconds"] > 0
     assert row["fhe_s_estimate"] == pytest.approx(sum(p["pbs"] * p["seconds"] for p in row["estimate_parts"]) + linear["seconds"])
-    printed = capsys.readouterr().out
+    printed, progress = capfd.readouterr()
+    # the config's own process (simulation draws, FHE images) reports its progress as it runs
+    assert "simulate 2/2" in progress and "tiny: image 1/1 in FHE" in progress
     assert f"{row['multiply_add_count']:,}" in printed.split("multiply-adds per image")[1].splitlines()[0]
     assert f"{row['fhe_s_median'] * row['cores']:,.0f}" in printed.split("core-seconds / image")[1].splitlines()[0]
     front = [l for l in printed.split("frontier")[1].splitlines()[2:] if l.startswith("  ")]
@@ -352,9 +354,9 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     old = {**json.loads(out.read_text()), "hardware": {"cpu": "Intel(R) Xeon(R) Processor", "cores": 16}}
     old["rows"] = [{k: v for k, v in row.items() if k not in ("cpu", "cores")} | {"config": "tiny_old"}]
     (tmp_path / "old.json").write_text(json.dumps(old))
-    capsys.readouterr()
+    capfd.readouterr()
     benchmark.main(["--from-json", f"{out},{tmp_path / 'old.json'}", "--plot", str(plot)])
-    front = capsys.readouterr().out.split("frontier")[1]
+    front = capfd.readouterr().out.split("frontier")[1]
     assert "tiny_old (Intel Xeon, 16 cores)" in front and f"tiny ({frontier.machine(row)})" in front
     rerun = tmp_path / "rerun.json"  # the same config measured again: the later file's row replaces it
     rerun.write_text(json.dumps({**json.loads(out.read_text()), "rows": [{**row, "n_images": 9}]}))
