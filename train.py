@@ -268,6 +268,9 @@ def train(cfg: TrainConfig) -> dict:
         g.set_state(st["loader_rng"])
         start_epoch, history = st["epoch"], st["history"]
 
+    if start_epoch >= cfg.epochs:  # e.g. `make training` run again after this run's last epoch: its log stays as it was
+        print(f"{cfg.out}: already trained for {start_epoch} epochs (--epochs {cfg.epochs}); nothing to train")
+        return finish(model, history, cfg.out, is_teacher)
     log = open_log(cfg)
 
     def say(line: str) -> None:  # to the terminal and to <out>.log, which is flushed line by line
@@ -335,14 +338,18 @@ def train(cfg: TrainConfig) -> dict:
         }
         atomic_write(state_path(cfg.out), lambda tmp: torch.save(st, tmp))
     log.close()
+    return finish(model, history, cfg.out, is_teacher)
 
+
+def finish(model, history: list, out: str, is_teacher: bool) -> dict:
+    """train()'s result; for a split model, its worst-case accumulators, also printed."""
     if is_teacher:
-        return {"history": history, "out": cfg.out}
+        return {"history": history, "out": out}
     acc = accumulator_bits(model)
     print("worst-case accumulator per encrypted layer (signed bits):")
     for name, r in acc.items():
         print(f"  {name:<16} {r['bits']:>3} bits  max|acc| {r['max_abs']:>6}  non-zero weights/neuron <= {r['nonzero_per_neuron_max']}/{r['fan_in']}")
-    return {"history": history, "accumulators": acc, "out": cfg.out}
+    return {"history": history, "accumulators": acc, "out": out}
 
 
 def main(argv=None):

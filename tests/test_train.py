@@ -70,6 +70,11 @@ def test_one_plus_one_epochs_equal_two(tmp_path, tiny_data_dir):
     printed = [[str(r["epoch"])] + [f"{r[k]:.4f}" for k in ("loss", "train_acc", "val_acc")] for r in b["history"]]
     assert [line.split()[:4] for line in log if line.split()[0].isdigit()] == printed
     assert (tmp_path / "straight.log").read_text().count("\n# ") == 0
+    # resumed again after its last epoch (a training queue run twice): nothing trained, its log untouched
+    before = (tmp_path / "resumed.log").read_text()
+    again = train.main(args + ["--epochs", "2", "--out", str(tmp_path / "resumed.pt"), "--resume"])
+    assert [r["epoch"] for r in again["history"]] == [1, 2] and again["accumulators"] == result["accumulators"]
+    assert (tmp_path / "resumed.log").read_text() == before and torch.load(tmp_path / "resumed.state.pt")["epoch"] == 2
 
 
 def test_resume_without_state_fails_clearly(tmp_path, tiny_data_dir):
