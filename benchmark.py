@@ -56,6 +56,7 @@ SETTINGS = {
     "fast_kdw": {},
     "accurate60_kdw": {},
     "fast_a4_kdw": {},
+    "accurate_kdw": {},
     "accurate": {},  # a frontier candidate (models.py) not trained yet: costs from an untrained model
     "accurate60": {},  # the 4,106-lookup candidate for the 60 s target (models.py), untrained: its costs alone
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
