@@ -18,7 +18,7 @@ from cli import UserError
 from conftest import SHARED, TINY_G2, needs_dataset
 from fhe import CompileOptions, clear_features, compile_checkpoint, evaluate, quantized_logits
 from models import TINY
-from p_error_search import bisect_log
+from p_error_search import bisect_log, validate_down
 from provenance import hardware
 
 # A very small p_error (over the ~450 PBS of the tiny circuit an error is ~1e-6 likely) and
@@ -150,6 +150,25 @@ def test_search_finds_a_known_threshold():
     assert len(calls) == 16 and all(ok == (p <= threshold) for p, _, ok in trace)
     assert bisect_log(lambda p: 0.9, 0.9, 0.01, 1e-6, 0.5, 5)[0] == 0.5  # everything passes: upper
     assert bisect_log(lambda p: 0.1, 0.9, 0.01, 1e-6, 0.5, 5)[0] is None  # nothing passes
+
+
+def test_validation_steps_down_past_a_lucky_pass():
+    """The bisection's few draws passed 0.4 and 0.2 by luck: their validations lose more than the
+    tolerance, so the next passing value, 0.1, is the one kept; failed values are never tried."""
+    trace = [(0.5, 0.80, False), (1e-6, 0.90, True), (0.1, 0.90, True), (0.4, 0.90, True), (0.2, 0.90, True), (0.3, 0.80, False)]
+    true_drop = {0.4: 0.03, 0.2: 0.012, 0.1: 0.004, 1e-6: 0.0}
+    tried = []
+
+    def drops_at(p):
+        tried.append(p)
+        return [true_drop[p] - 0.002, true_drop[p] + 0.002]
+
+    chosen, validations = validate_down(drops_at, trace, tolerance=0.01)
+    assert chosen == 0.1 and tried == [0.4, 0.2, 0.1]
+    assert [v["p_error"] for v in validations] == tried and validations[-1]["runs"] == 2
+    assert validations[0]["mean_drop"] == pytest.approx(0.03) and validations[0]["max_drop"] == pytest.approx(0.032)
+    assert validate_down(drops_at, trace, tolerance=-1)[0] is None  # none holds
+    assert validate_down(lambda p: [], trace, tolerance=0.01)[0] == 0.4  # no validation: the largest pass
 
 
 @needs_dataset
