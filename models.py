@@ -110,12 +110,12 @@ FAST = ModelConfig(
     accumulator_bits=0,  # no pruning: rounded table lookups keep the PBS precision low instead
 )
 
-# Candidates for the frontier (issue 12), screened by PBS count before any training (fast10 and
-# fast10w are trained and shipped, accurate is not trained). fast10: the fast model's encrypted
-# conv narrowed to 48 channels and its hidden linear to 64 (842 PBS). accurate: the clear conv
-# keeps 16 x 16 and two strided encrypted convs bring it to 4 x 4 (4,746 PBS); queued in make
-# training, since every student trained so far had 8 x 8 after its clear layer and all stopped near
-# 0.81 in torch.
+# Candidates for the frontier (issue 12), screened by PBS count before any training. fast10: the
+# fast model's encrypted conv narrowed to 48 channels and its hidden linear to 64 (842 PBS;
+# shipped). accurate: the clear conv keeps 16 x 16 and two strided encrypted convs bring it to
+# 4 x 4 (4,746 PBS), since every student before it had 8 x 8 after its clear layer and stopped
+# near 0.81 in torch; distilled from resnet_w (accurate_kdw) it stopped there too, at 0.8054
+# (RESULTS.md); not shipped.
 FAST10 = dataclasses.replace(FAST, name="fast10", convs=[(48, 3, 2, 1, 0)], fcs=[64])
 # fast10w: fast10 behind a wider clear conv (256 channels, 5 x 5): the same 842 PBS, since the
 # clear layer is free under FHE; only the encrypted conv's multiply-adds double (fewer than
