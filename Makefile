@@ -74,7 +74,7 @@ resume = $(if $(wildcard $(TRAINING)/$(1).state.pt),--resume)
 
 training: $(STUDENTS:%=results/benchmark_%_kdw.json)
 
-results/benchmark_%_kdw.json: checkpoints/resnet_w.pt | install
+results/benchmark_%_kdw.json: | checkpoints/resnet_w.pt install  # order-only: its JSON alone marks a step done, whatever the mtimes
 	$(PY) train.py --model $(or $(MODEL_$*),$*) --epochs $(or $(EPOCHS_$*),30) --label-smoothing 0.1 --teacher checkpoints/resnet_w.pt \
 		--bf16 --workers 0 --threads 2 --out $(TRAINING)/$*_kdw.pt $(call resume,$*_kdw)
 	$(PY) infer_torch.py --checkpoint $(TRAINING)/$*_kdw.pt --json results/$*_kdw_torch.json
