@@ -205,6 +205,21 @@ def test_make_training_resumes_each_run_and_evaluates_each_student(tmp_path):
     assert len(resumed) == len(runs(lines)) and all(line.rstrip().endswith("--resume") for line in resumed)
 
 
+def test_make_training_skips_a_finished_step_whatever_the_mtimes():
+    """A step whose benchmark JSON is committed is done, even when the teacher's file looks newer
+    (a checkout writes files in its own order): make must not train that student again from scratch."""
+    import subprocess
+
+    from conftest import ROOT
+
+    done = sorted(ROOT.glob("results/benchmark_*_kdw.json"))
+    assert done  # the queue's finished students are committed
+    out = subprocess.run(["make", "-n", "-W", "checkpoints/resnet_w.pt", "-C", str(ROOT), "training", "PY=python"],
+                         capture_output=True, text=True, check=True).stdout
+    trained = [line.split("--out ")[1].split()[0] for line in out.replace("\\\n", " ").splitlines() if "train.py" in line]
+    assert not {Path(t).stem for t in trained} & {f.stem.removeprefix("benchmark_") for f in done}
+
+
 def test_bf16_computes_the_clear_layer_and_the_teachers_in_bfloat16_only_while_training(tmp_path, tiny_data_dir, monkeypatch):
     """--bf16: a split model's clear conv, batch norm and pooling run in bfloat16 in training
     mode only (validation, export and FHE see float32), the --teacher runs under autocast, a
