@@ -46,7 +46,7 @@ class SearchConfig(ParallelOptions):
     upper: float = opt(0.5, "upper end of the p_error search range")
     max_iter: int = opt(8, "bisection steps (each: one compile + --n-sim simulations)")
     n_sim: int = opt(3, "simulations averaged at each candidate p_error (simulation is random)")
-    n_validation: int = opt(40, "simulations at the value found, to measure the spread")
+    n_validation: int = opt(40, "simulations at the value found, to measure the spread and check its mean drop (again at each smaller passing value while it exceeds --tolerance)")
     json: str = opt("runs/p_error_search.json", "result file (a .png plot is written beside it)")
     write: bool = opt(False, "store the p_error found, with these rounding settings, in the checkpoint as its deployed setting")
 
