@@ -58,7 +58,7 @@ SETTINGS = {
     "fast_a4_kdw": {},
     "accurate_kdw": {},
     "fast_e80_kdw": {},  # fast_kdw's run with 80 epochs
-    "accurate": {},  # a frontier candidate (models.py) not trained yet: costs from an untrained model
+    "accurate": {},  # the 4,746-lookup layout (models.py) untrained: its costs alone (trained: accurate_kdw)
     "accurate60": {},  # the 4,106-lookup candidate for the 60 s target (models.py), untrained: its costs alone
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
 }
