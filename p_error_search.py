@@ -11,6 +11,11 @@ can pass a value that loses more: when the validation's mean drop exceeds --tole
 next smaller value that passed the bisection is validated in turn, until one holds (none
 holding is an error). Writes a JSON (value, search trace, validations) and a plot.
 
+    python p_error_search.py --checkpoint checkpoints/fast_kd.pt --from-search results/p_error_search_fast_kd.json
+
+reuses an earlier search's bisection (its JSON) and only validates: the way to apply the
+validation rule to a search made before it, without bisecting again.
+
 Why not Concrete ML's BinarySearch (concrete.ml.search_parameters): it compiles with
 p_error alone, without rounding_threshold_bits, so it would tune a different circuit than
 the rounded one we deploy; it also bisects linearly on (0, 0.9), where p_error values that
@@ -21,6 +26,7 @@ fhe_inference.py does.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +55,7 @@ class SearchConfig(ParallelOptions):
     n_validation: int = opt(40, "simulations at the value found, to measure the spread and check its mean drop (again at each smaller passing value while it exceeds --tolerance)")
     json: str = opt("runs/p_error_search.json", "result file (a .png plot is written beside it)")
     write: bool = opt(False, "store the p_error found, with these rounding settings, in the checkpoint as its deployed setting")
+    from_search: str | None = opt(None, "an earlier search's JSON: reuse its bisection (same model, images, calibration and rounding: checked; --lower, --upper, --max-iter and --n-sim unused) and only validate")
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,6 +95,24 @@ def bisect_log(accuracy_at, reference: float, tolerance: float, lower: float, up
         trace.append((10**mid, acc, ok))
         lo, hi = (mid, hi) if ok else (lo, mid)
     return 10**lo, trace
+
+
+def earlier_search(cfg, ckpt) -> dict:
+    """The JSON of the earlier search cfg.from_search, checked to have searched what cfg searches
+    (its clear top-1 is checked again once the circuit is compiled)."""
+    try:
+        old = json.loads(Path(cfg.from_search).read_text())
+        old["trace"] = [(float(t["p_error"]), float(t["top1"])) for t in old["trace"]]
+        old["reference_top1"] = float(old["reference_top1"])
+        differ = [f"--{k.replace('_', '-')} {old['config'].get(k)} there" for k in ("n_images", "n_calib", "rounding_bits", "rounding_method")
+                  if old["config"].get(k) != getattr(cfg, k)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"--from-search {cfg.from_search}: not a p_error search's result ({type(e).__name__}: {e})")
+    if old.get("model_config") != json.loads(json.dumps(ckpt["model_config"])):
+        differ.append("another model config")
+    if differ:
+        raise UserError(f"--from-search {cfg.from_search} searched something else: {', '.join(differ)}")
+    return old
 
 
 def validate_down(drops_at, trace, tolerance: float):
@@ -131,6 +156,7 @@ def main(argv=None) -> dict:
     print("config:", asdict(cfg))
     model, ckpt = load_checkpoint(cfg.checkpoint)
     resolve_settings(cfg, ckpt, p_error=False)  # p_error is searched; rounding from the checkpoint unless given
+    earlier = earlier_search(cfg, ckpt) if cfg.from_search else None
     calib = calibration_set(model, cfg)
     images, labels = data.stack(data.dataset("train", cfg.data_dir, n=cfg.n_images))
     feats = clear_features(model, images)
@@ -141,6 +167,9 @@ def main(argv=None) -> dict:
 
     reference = simulate_top1(compiled(cfg.upper), feats, labels, fhe="disable")
     print(f"clear quantized model (fhe=disable) top-1 on {len(labels)} training images: {reference:.4f}")
+    if earlier and abs(reference - earlier["reference_top1"]) > 1e-9:
+        raise UserError(f"--from-search {cfg.from_search} measured a clear top-1 of {earlier['reference_top1']:.4f} on these images, "
+                        f"this checkpoint {reference:.4f}: other weights or other images")
     with simulators(cfg, batch=250) as workers:  # None: simulate in this process
         on_workers = [None]  # the p_error the workers hold compiled
 
@@ -154,8 +183,6 @@ def main(argv=None) -> dict:
                 on_workers[0] = p
             return [topk_accuracy(d, labels, ks=(1,))["top1"] for d in workers.draws(feats, n, desc)]
 
-        bar = tqdm(total=cfg.max_iter + 2, desc="p_error search", leave=False)
-
         def accuracy_at(p):
             acc = float(np.mean(top1s(p, cfg.n_sim, f"p_error {p:.3g}")))
             bar.update()
@@ -163,11 +190,18 @@ def main(argv=None) -> dict:
             return acc
 
         t0 = time.perf_counter()
-        chosen, trace = bisect_log(accuracy_at, reference, cfg.tolerance, cfg.lower, cfg.upper, cfg.max_iter)
-        bar.close()
-        if chosen is None:
-            raise UserError(f"even p_error={cfg.lower:g} loses more than {cfg.tolerance} top-1: lower --lower or raise --tolerance")
-        print(f"bisection: largest passing p_error {chosen:.4g} ({time.perf_counter() - t0:.0f} s)")
+        if earlier:  # its accuracies, judged against this --tolerance
+            trace = [(p, a, a >= reference - cfg.tolerance) for p, a in earlier["trace"]]
+            passing = [p for p, _, ok in trace if ok]
+            print(f"bisection of {cfg.from_search}: {len(trace)} values, largest passing p_error "
+                  + (f"{max(passing):.4g}" if passing else "none"))
+        else:
+            bar = tqdm(total=cfg.max_iter + 2, desc="p_error search", leave=False)
+            chosen, trace = bisect_log(accuracy_at, reference, cfg.tolerance, cfg.lower, cfg.upper, cfg.max_iter)
+            bar.close()
+            if chosen is None:
+                raise UserError(f"even p_error={cfg.lower:g} loses more than {cfg.tolerance} top-1: lower --lower or raise --tolerance")
+            print(f"bisection: largest passing p_error {chosen:.4g} ({time.perf_counter() - t0:.0f} s)")
 
         def drops_at(p):
             drops = [reference - a for a in top1s(p, cfg.n_validation, f"validation at {p:.3g}")] if cfg.n_validation else []
@@ -188,6 +222,7 @@ def main(argv=None) -> dict:
         "trace": [{"p_error": p, "top1": a, "within_tolerance": bool(ok)} for p, a, ok in trace],
         "validation": validation,  # at the chosen value
         "validations": validations,  # every value validated, largest first
+        **({"trace_from": {k: earlier.get(k) for k in ("command", "code")} | {"json": cfg.from_search}} if earlier else {}),
         "model_config": ckpt["model_config"],
         **provenance(cfg),
     }

@@ -171,6 +171,42 @@ def test_validation_steps_down_past_a_lucky_pass():
     assert validate_down(lambda p: [], trace, tolerance=0.01)[0] == 0.4  # no validation: the largest pass
 
 
+def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch):
+    """--from-search takes the earlier bisection's accuracies, judges them against this
+    --tolerance and validates from the largest passing value down; a search of other images or
+    other weights is refused."""
+    import p_error_search
+
+    args = ["--checkpoint", str(tiny_checkpoint), "--data-dir", str(tiny_data_dir), "--rounding-bits", "4",
+            "--rounding-method", "exact", "--n-calib", "40", "--n-images", "20"]
+    first = p_error_search.main(args + ["--tolerance", "1", "--n-validation", "0", "--json", str(tmp_path / "first.json")])
+    ref = first["reference_top1"]
+    earlier = json.loads((tmp_path / "first.json").read_text())
+    earlier["trace"] = [{"p_error": p, "top1": a, "within_tolerance": True}  # flags are judged again
+                        for p, a in [(0.3, ref - 0.6), (1e-6, ref), (1e-4, ref - 0.1)]]
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    again = args + ["--from-search", str(tmp_path / "earlier.json"), "--n-validation", "2", "--json", str(tmp_path / "again.json")]
+    r = p_error_search.main(again + ["--tolerance", "0.5"])
+    assert r["p_error"] == 1e-4 and [v["p_error"] for v in r["validations"]] == [1e-4] and r["validation"]["runs"] == 2
+    assert [(t["p_error"], t["within_tolerance"]) for t in r["trace"]] == [(0.3, False), (1e-6, True), (1e-4, True)]
+    assert r["trace_from"]["json"] == str(tmp_path / "earlier.json") and r["trace_from"]["command"] == first["command"]
+    assert p_error_search.main(again + ["--tolerance", "0.05"])["p_error"] == 1e-6  # 1e-4's drop of 0.1 fails now
+
+    def compile_model(*a, **k):
+        raise AssertionError("compiled before the earlier search was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(p_error_search, "compile_model", compile_model)
+        with pytest.raises(UserError, match="--n-images 20 there"):
+            p_error_search.main(again + ["--n-images", "10"])
+    earlier["reference_top1"] = ref - 0.05
+    (tmp_path / "earlier.json").write_text(json.dumps(earlier))
+    (tmp_path / "again.json").unlink()
+    with pytest.raises(UserError, match="other weights or other images"):
+        p_error_search.main(again)
+    assert not (tmp_path / "again.json").exists()
+
+
 @needs_dataset
 @pytest.mark.parametrize("rounding_bits,vs", [(7, "torch"), (6, "disable")])
 def test_shipped_checkpoint_simulation(rounding_bits, vs):
