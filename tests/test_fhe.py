@@ -169,6 +169,9 @@ def test_validation_steps_down_past_a_lucky_pass():
     assert validations[0]["mean_drop"] == pytest.approx(0.03) and validations[0]["max_drop"] == pytest.approx(0.032)
     assert validate_down(drops_at, trace, tolerance=-1)[0] is None  # none holds
     assert validate_down(lambda p: [], trace, tolerance=0.01)[0] == 0.4  # no validation: the largest pass
+    # a top-1 is k / n: 10 images lost in 1,000 is a drop of exactly the tolerance, which holds
+    assert 0.851 - 0.841 > 0.01 and validate_down(lambda p: [0.851 - 0.845, 0.851 - 0.837], trace, tolerance=0.01)[0] == 0.4
+    assert bisect_log(lambda p: 0.841, 0.851, 0.01, 1e-6, 0.5, 5)[0] == 0.5
 
 
 def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch):
