@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed
 
-# The main job on the default model (no --checkpoint: checkpoints.DEFAULT_CHECKPOINT, fast_kd.pt):
+# The main job on the default model (no --checkpoint: checkpoints.DEFAULT_CHECKPOINT, fast_e80_kdw.pt):
 # torch accuracy, then 3 test images through real FHE beside their simulated and torch predictions
 run: install
 	$(PY) infer_torch.py
@@ -50,20 +50,25 @@ notebook: install
 # model), accurate60 (the 4,106-lookup candidate for the 60 s target), fast_a4 (fast with 4-bit
 # activations: fast_kdw's run with only the bit widths changed), accurate (16 x 16 after the clear
 # layer where every student so far had 8 x 8), fast_e80 (fast_kdw's run with twice the epochs:
-# whether the 40-epoch schedule holds the students near 0.81). A finished student is
+# whether the 40-epoch schedule holds the students near 0.81; it did: 0.8176 in torch; shipped as
+# the default, searched again at fast_kd's tolerance, its JSON now the shipped copy's benchmark),
+# fast10g_e80 (fast10g_kd's layout with fast_e80's 80 epochs: what the
+# schedule gives the candidate for the fast target). A finished student is
 # evaluated in torch, its p_error searched and written into it as fast10g_kd's was, and
 # benchmarked (full test split, 3 simulations, 5 images in real FHE) from checkpoints/in_training/;
 # the benchmark's JSON marks the step done. Shipping it (a copy to checkpoints/, benchmark.py's
 # default rows, the README) is decided by hand on those results.
 TRAINING ?= checkpoints/in_training
-STUDENTS := fast10g4 fast accurate60 fast_a4 accurate fast_e80
+STUDENTS := fast10g4 fast accurate60 fast_a4 accurate fast_e80 fast10g_e80
 # A student named apart from its layout (models.py) trains the layout given here.
 MODEL_fast_e80 := fast
+MODEL_fast10g_e80 := fast10g
 EPOCHS_fast := 40
 EPOCHS_accurate60 := 40
 EPOCHS_fast_a4 := 40
 EPOCHS_accurate := 40
 EPOCHS_fast_e80 := 80
+EPOCHS_fast10g_e80 := 80
 # The search's tolerance (top-1 drop from the clear quantized model on 1,000 training images):
 # fast10g_kd's 0.005, except accurate60, whose 6-bit rounding alone lost 0.0065 at p_error 1e-6
 # (results/accurate60/p_error_search_tolerance_0.005.log), so no p_error met 0.005; and accurate,

@@ -32,11 +32,11 @@ MODE = os.environ.get("NOTEBOOK_MODE", "quick")  # "quick" or "full"
 SETTINGS = {
     "quick": dict(train_args=["--epochs", "1", "--max-steps", "5", "--n-train", "640", "--val-size", "500"],
                   n_eval=200, p_errors=[1e-3, 0.05, 0.3], rounding_bits=[4, 5, 6, 7]),
-    "full": dict(train_args=["--epochs", "40", "--label-smoothing", "0.1"],  # the shipped fast_kd's schedule
+    "full": dict(train_args=["--epochs", "80", "--label-smoothing", "0.1", "--bf16"],  # the shipped fast_e80_kdw's schedule
                  n_eval=10_000, p_errors=[1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.3, 0.5], rounding_bits=[3, 4, 5, 6, 7, 8]),
 }[MODE]
-CHECKPOINT = "checkpoints/fast_kd.pt"  # the shipped default model; it stores its deployed p_error and rounding
-TEACHER = "checkpoints/resnet.pt"  # the shipped float teacher it was distilled from
+CHECKPOINT = "checkpoints/fast_e80_kdw.pt"  # the shipped default model; it stores its deployed p_error and rounding
+TEACHER = "checkpoints/resnet_w.pt"  # the shipped float teacher it was distilled from
 print(MODE, SETTINGS)
 """)
 
@@ -76,10 +76,10 @@ P_ERROR, ROUNDING_BITS = DEPLOYED["p_error"], DEPLOYED["rounding_bits"]
 print("deployed FHE settings:", DEPLOYED)
 """)
 
-md("## Training\nQuantization-aware training with Brevitas, distilled from a float teacher (the shipped residual network): the loss mixes the teacher's softened outputs with the labels. In quick mode this runs a few steps on a small subset, to show the loop (into a temporary folder); in full mode it trains for real into `runs/notebook/fast_kd.pt`, kept (rerun the cell to resume). The shipped checkpoint was trained with `python train.py --model fast --epochs 40 --label-smoothing 0.1 --teacher checkpoints/resnet.pt`.")
+md("## Training\nQuantization-aware training with Brevitas, distilled from a float teacher (the shipped residual network): the loss mixes the teacher's softened outputs with the labels. In quick mode this runs a few steps on a small subset, to show the loop (into a temporary folder); in full mode it trains for real into `runs/notebook/fast_e80_kdw.pt`, kept (rerun the cell to resume). The shipped checkpoint was trained with `python train.py --model fast --epochs 80 --label-smoothing 0.1 --teacher checkpoints/resnet_w.pt --bf16` (`make training`, RESULTS.md).")
 code("""
 if MODE == "full":
-    out = "runs/notebook/fast_kd.pt"
+    out = "runs/notebook/fast_e80_kdw.pt"
     resume = ["--resume"] if Path(out).with_suffix(".state.pt").exists() else []
     result = train.main(["--model", "fast", "--teacher", TEACHER, "--workers", "0", "--out", out, *SETTINGS["train_args"], *resume])
 else:
