@@ -50,3 +50,26 @@ def test_notebook_walks_through_the_default_model():
     assert (ROOT / DEFAULT_CHECKPOINT).is_file()
     run = (ROOT / "Makefile").read_text().split("\nrun: install\n")[1].split("\n\n")[0]
     assert "fhe_inference.py" in run and "--checkpoint" not in run
+
+
+def test_notebooks_full_mode_trains_the_default_models_recipe(monkeypatch):
+    """In full mode the notebook's training cell runs the command the shipped default was trained
+    with (its checkpoint's train_config): the same layout, schedule, teacher and precision."""
+    import json
+
+    import train
+    from checkpoints import DEFAULT_CHECKPOINT, read_checkpoint
+    from cli import parse_config
+
+    cells = ["".join(c["source"]) for c in json.loads((ROOT / "Cifar10.ipynb").read_text())["cells"] if c["cell_type"] == "code"]
+    monkeypatch.setenv("NOTEBOOK_MODE", "full")
+    params = {}
+    exec(next(c for c in cells if c.lstrip().startswith("import os")), params)  # the parameters cell
+    training = next(c for c in cells if "train.main(" in c)
+    model = re.search(r'train\.main\(\["--model", "(\w+)"', training).group(1)
+    argv = ["--model", model, "--teacher", params["TEACHER"], "--out", "unused.pt", *params["SETTINGS"]["train_args"]]
+    notebook = vars(parse_config(train.TrainConfig, argv, ""))
+    shipped = read_checkpoint(ROOT / DEFAULT_CHECKPOINT)["train_config"]
+    recipe = ("model", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "val_size", "n_train", "seed",
+              "teacher", "distill_alpha", "distill_temperature", "init", "rounding_bits", "rounding_noise", "bf16", "accumulator_bits")
+    assert {k: notebook[k] for k in recipe} == {k: shipped[k] for k in recipe}
