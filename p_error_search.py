@@ -157,6 +157,12 @@ def plot(trace, reference: float, tolerance: float, chosen, path: Path) -> None:
     plt.close(fig)
 
 
+def trace_origin(earlier: dict, path: str) -> dict:
+    """Where a reused bisection was measured: the earlier search's command, code and JSON, or,
+    when that search had itself reused one, the origin it recorded."""
+    return earlier.get("trace_from") or {"command": earlier.get("command"), "code": earlier.get("code"), "json": path}
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(SearchConfig, argv, __doc__.split("\n")[0])
     print("config:", asdict(cfg))
@@ -228,7 +234,7 @@ def main(argv=None) -> dict:
         "trace": [{"p_error": p, "top1": a, "within_tolerance": bool(ok)} for p, a, ok in trace],
         "validation": validation,  # at the chosen value
         "validations": validations,  # every value validated, largest first
-        **({"trace_from": {k: earlier.get(k) for k in ("command", "code")} | {"json": cfg.from_search}} if earlier else {}),
+        **({"trace_from": trace_origin(earlier, cfg.from_search)} if earlier else {}),
         "model_config": ckpt["model_config"],
         **provenance(cfg),
     }

@@ -194,6 +194,10 @@ def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_
     assert [(t["p_error"], t["within_tolerance"]) for t in r["trace"]] == [(0.3, False), (1e-6, True), (1e-4, True)]
     assert r["trace_from"]["json"] == str(tmp_path / "earlier.json") and r["trace_from"]["command"] == first["command"]
     assert p_error_search.main(again + ["--tolerance", "0.05"])["p_error"] == 1e-6  # 1e-4's drop of 0.1 fails now
+    # revalidating a revalidation still names the bisection's own command, not the one before
+    twice = p_error_search.main(args + ["--from-search", str(tmp_path / "again.json"), "--n-validation", "1", "--tolerance", "0.5",
+                                        "--json", str(tmp_path / "twice.json")])
+    assert twice["trace_from"] == r["trace_from"] and twice["trace"] == r["trace"]
 
     def compile_model(*a, **k):
         raise AssertionError("compiled before the earlier search was checked")
