@@ -53,22 +53,29 @@ notebook: install
 # whether the 40-epoch schedule holds the students near 0.81; it was the schedule: 80 epochs reached
 # 0.8176 in torch; shipped as the default, searched again at fast_kd's tolerance, its JSON now the
 # shipped copy's benchmark), fast10g_e80 (fast10g_kd's layout with fast_e80's 80 epochs: what the
-# schedule gives the candidate for the fast target). A finished student is
+# schedule gives the candidate for the fast target), fast10g_2x80 (fast10g_e80's weights trained
+# through a second 80-epoch cycle of the same schedule, its learning rate warm again: half the cost
+# of 160 epochs from scratch, to learn whether more epochs still move the fast target's
+# candidate; it needs fast10g_e80's checkpoint, which the order of the queue gives). A finished student is
 # evaluated in torch, its p_error searched and written into it as fast10g_kd's was, and
 # benchmarked (full test split, 3 simulations, 5 images in real FHE) from checkpoints/in_training/;
 # the benchmark's JSON marks the step done. Shipping it (a copy to checkpoints/, benchmark.py's
 # default rows, the README) is decided by hand on those results.
 TRAINING ?= checkpoints/in_training
-STUDENTS := fast10g4 fast accurate60 fast_a4 accurate fast_e80 fast10g_e80
+STUDENTS := fast10g4 fast accurate60 fast_a4 accurate fast_e80 fast10g_e80 fast10g_2x80
 # A student named apart from its layout (models.py) trains the layout given here.
 MODEL_fast_e80 := fast
 MODEL_fast10g_e80 := fast10g
+MODEL_fast10g_2x80 := fast10g
 EPOCHS_fast := 40
 EPOCHS_accurate60 := 40
 EPOCHS_fast_a4 := 40
 EPOCHS_accurate := 40
 EPOCHS_fast_e80 := 80
 EPOCHS_fast10g_e80 := 80
+EPOCHS_fast10g_2x80 := 80
+# A student that starts from another's weights (--init), not from random ones.
+INIT_fast10g_2x80 := $(TRAINING)/fast10g_e80_kdw.pt
 # The search's tolerance (top-1 drop from the clear quantized model on 1,000 training images):
 # fast10g_kd's 0.005, except accurate60, whose 6-bit rounding alone lost 0.0065 at p_error 1e-6
 # (results/accurate60/p_error_search_tolerance_0.005.log), so no p_error met 0.005; and accurate,
@@ -81,7 +88,7 @@ training: $(STUDENTS:%=results/benchmark_%_kdw.json)
 
 results/benchmark_%_kdw.json: | checkpoints/resnet_w.pt install  # order-only: its JSON alone marks a step done, whatever the mtimes
 	$(PY) train.py --model $(or $(MODEL_$*),$*) --epochs $(or $(EPOCHS_$*),30) --label-smoothing 0.1 --teacher checkpoints/resnet_w.pt \
-		--bf16 --workers 0 --threads 2 --out $(TRAINING)/$*_kdw.pt $(call resume,$*_kdw)
+		--bf16 --workers 0 --threads 2 $(if $(INIT_$*),--init $(INIT_$*)) --out $(TRAINING)/$*_kdw.pt $(call resume,$*_kdw)
 	$(PY) infer_torch.py --checkpoint $(TRAINING)/$*_kdw.pt --json results/$*_kdw_torch.json
 	$(PY) p_error_search.py --checkpoint $(TRAINING)/$*_kdw.pt --rounding-bits 6 --tolerance $(or $(TOLERANCE_$*),0.005) --n-images 1000 \
 		--max-iter 6 --n-sim 2 --n-validation 20 --workers 2 --write --json results/p_error_search_$*_kdw.json

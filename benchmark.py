@@ -59,6 +59,7 @@ SETTINGS = {
     "accurate_kdw": {},
     "fast_e80_kdw": {},  # fast_kdw's run with 80 epochs; shipped, the default (its p_error searched at fast_kd's tolerance)
     "fast10g_e80_kdw": {},  # fast10g_kd's layout with fast_e80_kdw's 80 epochs
+    "fast10g_2x80_kdw": {},  # fast10g_e80_kdw trained through a second 80-epoch cycle
     "accurate": {},  # the 4,746-lookup layout (models.py) untrained: its costs alone (trained: accurate_kdw)
     "accurate60": {},  # the 4,106-lookup candidate for the 60 s target (models.py), untrained: its costs alone
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests

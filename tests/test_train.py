@@ -192,6 +192,10 @@ def test_make_training_resumes_each_run_and_evaluates_each_student(tmp_path):
     assert runs(lines) and not any("--resume" in line for line in runs(lines))
     students = [line for line in runs(lines) if "--teacher" in line]
     assert students
+    # a student that starts from another's weights starts from one the queue has trained before it
+    outs = [line.split("--out ")[1].split()[0] for line in runs(lines)]
+    inits = [(i, line.split("--init ")[1].split()[0]) for i, line in enumerate(runs(lines)) if "--init " in line]
+    assert inits and all(path in outs[:i] for i, path in inits)
     for line in students:
         out = Path(line.split("--out ")[1].split()[0])
         after = lines[lines.index(line) + 1:]
