@@ -108,19 +108,20 @@ def print_frontier(rows: list[dict]) -> None:
 
 
 # Where a model's name may go beside its point, in points from it: right, above right, below
-# right, then the same on the left; the first that overlaps no point and no label placed before
-# it wins.
+# right, then the same on the left; the first that stays inside the axes and overlaps no point
+# and no label placed before it wins.
 LABEL_PLACES = [((7, -3), "left"), ((6, 4), "left"), ((6, -11), "left"),
                 ((-7, -3), "right"), ((-6, 4), "right"), ((-6, -11), "right")]
 
 
 def spread_labels(fig, ax, labels: list, fixed: list, points: list) -> None:
     """Move each of `labels` (annotations, in order) to the first of LABEL_PLACES where its
-    drawn box overlaps none of `fixed`, of the markers at `points` (data coordinates) and of
-    the labels before it; where none is free, the first."""
+    drawn box lies inside the axes and overlaps none of `fixed`, of the markers at `points`
+    (data coordinates) and of the labels before it; where none is free, the first."""
     from matplotlib.transforms import Bbox
 
     renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
     taken = [a.get_window_extent(renderer) for a in fixed]
     taken += [Bbox.from_bounds(x - 4, y - 4, 8, 8) for x, y in ax.transData.transform(points)]  # a marker: ~8 px
     for label in labels:
@@ -128,7 +129,8 @@ def spread_labels(fig, ax, labels: list, fixed: list, points: list) -> None:
             label.set_position(offset)
             label.set_horizontalalignment(align)
             box = label.get_window_extent(renderer)
-            if not any(box.overlaps(t) for t in taken):
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(t) for t in taken):
                 break
         taken.append(box)
 

@@ -459,6 +459,34 @@ def test_frontier_labels_overlap_no_point_and_no_other_label():
     plt.close(fig)
 
 
+def test_frontier_labels_stay_inside_the_axes():
+    """A model at an edge of the plot gets its name on the side that the axes do not cut off:
+    the first place (right of the point) for the one on the left edge, a left one for the one
+    on the right edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import frontier
+
+    points = [(5.0, 0.78), (20000.0, 0.60)]  # on the left and the right edge of the axes
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(*zip(*points), "o")
+    labels = [ax.annotate("a_long_model_name", p, textcoords="offset points", xytext=(6, 4), fontsize=8) for p in points]
+    ax.set_xscale("log")
+    ax.set_xlim(5.0, 20000)
+    ax.set_ylim(0.55, 0.87)
+    fig.tight_layout()
+    frontier.spread_labels(fig, ax, labels, [], points)
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    for label in labels:
+        box = label.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (box, frame)
+    plt.close(fig)
+
+
 def test_run_estimate_scales_to_the_servers_threads(monkeypatch, capsys):
     """The per-image cost is measured with this process's threads (2 here); two one-thread
     workers each take twice as long per image, so 10 images take 10 x 20 / 2 s, not 10 x 10 / 2."""
