@@ -428,28 +428,36 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
         benchmark.main(["--from-json", str(tmp_path / "none.json")])
 
 
-def test_frontier_labels_overlap_no_point_and_no_other_label():
-    """Neighbouring models on the frontier plot (fast10w, fast10, fast10w_r5 lie within a second
-    and 2 points of each other) keep their names readable and beside their own points."""
+def spread_on_a_frontier_plot(points: list, xlim: tuple):
+    """Markers at `points` on a log-scale axes like the frontier's, each with a name spread by
+    frontier.spread_labels; the figure, its axes, the drawn boxes of the names and a renderer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.transforms import Bbox
 
     import frontier
 
-    points = [(6.4, 0.764), (12.1, 0.760), (12.9, 0.745), (13.4, 0.736), (33.1, 0.786), (36.0, 0.793)]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(*zip(*points), "o")
     labels = [ax.annotate(f"model_{i}_name", p, textcoords="offset points", xytext=(6, 4), fontsize=8) for i, p in enumerate(points)]
     ax.set_xscale("log")
-    ax.set_xlim(3, 20000)
+    ax.set_xlim(*xlim)
     ax.set_ylim(0.55, 0.87)
     fig.tight_layout()
     frontier.spread_labels(fig, ax, labels, [], points)
     renderer = fig.canvas.get_renderer()
-    boxes = [l.get_window_extent(renderer) for l in labels]
+    return fig, ax, [label.get_window_extent(renderer) for label in labels], renderer
+
+
+def test_frontier_labels_overlap_no_point_and_no_other_label():
+    """Neighbouring models on the frontier plot (fast10w, fast10, fast10w_r5 lie within a second
+    and 2 points of each other) keep their names readable and beside their own points."""
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    points = [(6.4, 0.764), (12.1, 0.760), (12.9, 0.745), (13.4, 0.736), (33.1, 0.786), (36.0, 0.793)]
+    fig, ax, boxes, _ = spread_on_a_frontier_plot(points, (3, 20000))
     markers = [Bbox.from_bounds(x - 4, y - 4, 8, 8) for x, y in ax.transData.transform(points)]
     for i, box in enumerate(boxes):
         assert not any(box.overlaps(other) for other in boxes[:i] + boxes[i + 1:] + markers), f"label {i}"
@@ -463,26 +471,12 @@ def test_frontier_labels_stay_inside_the_axes():
     """A model at an edge of the plot gets its name on the side that the axes do not cut off:
     the first place (right of the point) for the one on the left edge, a left one for the one
     on the right edge."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import frontier
-
     points = [(5.0, 0.78), (20000.0, 0.60)]  # on the left and the right edge of the axes
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(*zip(*points), "o")
-    labels = [ax.annotate("a_long_model_name", p, textcoords="offset points", xytext=(6, 4), fontsize=8) for p in points]
-    ax.set_xscale("log")
-    ax.set_xlim(5.0, 20000)
-    ax.set_ylim(0.55, 0.87)
-    fig.tight_layout()
-    frontier.spread_labels(fig, ax, labels, [], points)
-    renderer = fig.canvas.get_renderer()
+    fig, ax, boxes, renderer = spread_on_a_frontier_plot(points, (5.0, 20000))
     frame = ax.get_window_extent(renderer)
-    for label in labels:
-        box = label.get_window_extent(renderer)
+    for box in boxes:
         assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (box, frame)
     plt.close(fig)
 
