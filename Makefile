@@ -54,14 +54,15 @@ notebook: install
 # 0.8176 in torch; shipped as the default, searched again at fast_kd's tolerance, its JSON now the
 # shipped copy's benchmark), fast10g_e80 (fast10g_kd's layout with fast_e80's 80 epochs: what the
 # schedule gives the candidate for the fast target; 0.7932 in torch, shipped as the fast end of the
-# frontier, searched again at tolerance 0.01, its JSON now the shipped copy's benchmark), fast10g_2x80 (fast10g_e80's weights trained
-# through a second 80-epoch cycle of the same schedule, its learning rate warm again: half the cost
-# of 160 epochs from scratch, to learn whether more epochs still move the fast target's
-# candidate; it needs fast10g_e80's checkpoint, which the order of the queue gives). A finished student is
-# evaluated in torch, its p_error searched and written into it as fast10g_kd's was, and
-# benchmarked (full test split, 3 simulations, 5 images in real FHE) from checkpoints/in_training/;
-# the benchmark's JSON marks the step done. Shipping it (a copy to checkpoints/, benchmark.py's
-# default rows, the README) is decided by hand on those results.
+# frontier, searched again at tolerance 0.01, its JSON now the shipped copy's benchmark),
+# fast10g_2x80 (fast10g_e80's weights trained through a second 80-epoch cycle of the same
+# schedule, its learning rate warm again: half the cost of 160 epochs from scratch, to learn
+# whether more epochs still move the fast target's candidate; it needs fast10g_e80's checkpoint,
+# which the order of the queue gives). A finished student is evaluated in torch, its p_error
+# searched and written into it as fast10g_kd's was, and benchmarked (full test split, 3
+# simulations, 5 images in real FHE) from checkpoints/in_training/; the benchmark's JSON marks
+# the step done. Shipping it (a copy to checkpoints/, benchmark.py's default rows, the README) is
+# decided by hand on those results.
 TRAINING ?= checkpoints/in_training
 STUDENTS := fast10g4 fast accurate60 fast_a4 accurate fast_e80 fast10g_e80 fast10g_2x80
 # A student named apart from its layout (models.py) trains the layout given here.
