@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from checkpoints import deployment, load_checkpoint, save_checkpoint
+from checkpoints import deployment, load_checkpoint, read_checkpoint, save_checkpoint
 from cli import UserError
 from conftest import TINY_G2
 from models import CONFIGS, FAST, REFERENCE, TEACHERS, TINY, ModelConfig, SplitNet, TeacherConfig
@@ -163,6 +164,21 @@ def test_shipped_checkpoint_describes_itself(path):
     assert 0 < d["p_error"] < 1 and d["rounding_bits"] in range(0, 9)
     named = re.findall(r"results/[\w./-]*\w", d.get("source", ""))
     assert named and all((ROOT / n).exists() for n in named), f"{path}: its deployment names {named}"
+
+
+CHECKPOINTS = sorted(p for p in (ROOT / "checkpoints").rglob("*.pt") if not p.name.endswith(".state.pt"))
+
+
+@pytest.mark.parametrize("path", CHECKPOINTS, ids=lambda p: str(p.relative_to(ROOT / "checkpoints").with_suffix("")))
+def test_a_checkpoint_deploys_the_p_error_its_search_chose(path):
+    """A checkpoint, shipped or in training, whose deployment comes from a p_error search (its
+    source starts with the search's JSON) holds the p_error that search wrote: a JSON moved, or
+    overwritten by a later search of a copy, would leave it pointing at another result. (A
+    source may mention a search it did not follow, as the reference's does, after other words.)"""
+    d = read_checkpoint(path).get("deployment") or {}
+    search = re.match(r"results/\S*p_error_search\S*\.json", d.get("source", ""))
+    if search:
+        assert json.loads((ROOT / search[0]).read_text())["p_error"] == d["p_error"], f"{path}: {search[0]}"
 
 
 def test_every_shipped_model_is_found():
