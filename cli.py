@@ -21,10 +21,18 @@ def opt(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to an option's help unless its text already names the default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def parse_config(cls, argv, description: str, prog: str | None = None):
     """Build an argparse parser from a config dataclass; unknown or ill-typed options are
     rejected. A field whose metadata says positional=True takes one or more arguments."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
     for f in fields(cls):
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="+", help=f.metadata.get("help", ""))

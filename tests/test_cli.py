@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
+import re
 import textwrap
 
 import pytest
@@ -35,6 +36,8 @@ def test_help_explains_every_option(script, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--data-dir" in out and "default" in out
+    options = re.split(r"\n  (?=-)", out.split("options:", 1)[1])
+    assert all(o.count("default") <= 1 for o in options), [o for o in options if o.count("default") > 1]
 
 
 @pytest.fixture(scope="module")
