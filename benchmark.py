@@ -9,8 +9,8 @@ count per crypto parameter set, multiply-adds, maximum bit width, key sizes, com
 keygen seconds, peak memory, FHE seconds per image, and core-seconds per image (seconds x the
 cores the run had). The FHE time is measured (median over --n-fhe images, through the client /
 server path of fhe_inference.py) where --max-fhe-s allows; otherwise it is ESTIMATED
-(pbs_cost.py) as sum(PBS count x per-PBS seconds) + multiply-adds x seconds per multiply-add,
-each cost measured here on a synthetic circuit that Concrete compiles to the same (polynomial
+(pbs_cost.py) as sum(PBS count x per-PBS seconds) + multiply-adds x seconds per multiply-add
++ compressed inputs x seconds to expand one, each cost measured here on a synthetic circuit that Concrete compiles to the same (polynomial
 size, GLWE dimension, level), or the closest comparable one scaled by a PBS cost model (none
 comparable: no estimate). The estimator also runs on the measured configs, to validate it. The
 frontier table and plot (top-1 against seconds per image, log scale) add the published anchors
@@ -33,7 +33,7 @@ import numpy as np
 
 from cli import UserError, check_output_file, opt, parse_config, run_main
 from frontier import PUBLISHED, show
-from pbs_cost import estimate_fhe_seconds
+from pbs_cost import compressed_inputs, estimate_fhe_seconds
 from provenance import hardware, provenance, write_json
 
 # The rows: <checkpoint-dir>/<model>.pt (model: the row's name unless given), compiled with
@@ -124,7 +124,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         resolve_settings(o, {"deployment": INITIAL_DEPLOYMENT})
         model, qm, report = untrained_compiled(CONFIGS[model_name], o)
         top1 = {"torch_top1": None, "sim_top1": None, "sim_top1_sd": None, "sim_top1_draws": [], "epochs_trained": 0}
-    estimate, parts, linear = estimate_fhe_seconds(qm.fhe_circuit.statistics, cache=False)
+    estimate, parts, linear, inputs = estimate_fhe_seconds(qm.fhe_circuit.statistics, compressed_inputs(qm.fhe_circuit), cache=False)
     row = {
         "config": name,
         "settings": {**settings, **{k: getattr(o, k) for k in ("p_error", "global_p_error", "rounding_bits", "rounding_method")}},
@@ -134,6 +134,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         "fhe_s_estimate": estimate,
         "estimate_parts": parts,
         "estimate_multiply_adds": linear,
+        "estimate_inputs": inputs,
     }
     if cfg.n_fhe and estimate is not None and estimate <= cfg.max_fhe_s:
         with tempfile.TemporaryDirectory() as tmp:

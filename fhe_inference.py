@@ -36,7 +36,7 @@ from deployment import STAGES, deploy_local
 from fhe import compile_checkpoint, print_report, resolve_settings
 from metrics import paired_difference, proportion_ci
 from parallel import ParallelOptions, fhe_servers
-from pbs_cost import estimate_fhe_seconds, runtime_threads
+from pbs_cost import compressed_inputs, estimate_fhe_seconds, runtime_threads
 from provenance import provenance, write_json
 
 COLUMNS = ["index", "label", "torch_pred", "sim_pred", "sim2_pred", "fhe_pred", *[f"{s}_s" for s in STAGES], "input_bytes",
@@ -137,15 +137,16 @@ def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
     with fewer threads takes proportionally longer (core-seconds kept: a rough scaling, since
     one thread uses a core a little better than two). An existing --scheduler counts as one
     server: its size is not known before it is joined."""
-    per_image, parts, linear = estimate_fhe_seconds(qm.fhe_circuit.statistics)
+    per_image, parts, linear, inputs = estimate_fhe_seconds(qm.fhe_circuit.statistics, compressed_inputs(qm.fhe_circuit))
     if per_image is None:
         print("estimated FHE time: not available for these crypto parameters (see benchmark.py)")
         return {"per_image_s": None}
     for part in parts:
         if part.get("note"):
             print(f"per-PBS cost at N={part['parameters']['polynomial_size']}: {part['note']}")
-    if linear.get("note"):
-        print(linear["note"])
+    for term in (linear, inputs):
+        if term.get("note"):
+            print(term["note"])
     threads = runtime_threads()
     servers = 1 if cfg.scheduler else max(1, cfg.workers)
     server_threads = cfg.threads_per_worker if cfg.workers and not cfg.scheduler else threads
@@ -157,7 +158,7 @@ def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
     if total > CONFIRM_ABOVE_S and not cfg.yes and n_todo:
         raise UserError(f"this run is estimated at {total / 3600:.1f} h: pass --yes to run it (or fewer --n-images)")
     return {"per_image_s": per_image, "threads": threads, "per_server_image_s": per_server, "run_s": total,
-            "parts": parts, "multiply_adds": linear}
+            "parts": parts, "multiply_adds": linear, "inputs": inputs}
 
 
 def main(argv=None) -> dict:

@@ -49,10 +49,14 @@ def fmt_time(row) -> str:
     return "n/a"
 
 
-def fmt_linear(row) -> str:
-    """The estimate's multiply-add term (rows from before it existed: n/a)."""
-    s_ = (row.get("estimate_multiply_adds") or {}).get("seconds")
-    return f"{s_:.1f}" if s_ is not None else "n/a"
+def fmt_term(key: str):
+    """A column of one term of the estimate: its seconds (rows from before it existed: n/a)."""
+
+    def fmt(row) -> str:
+        s_ = (row.get(key) or {}).get("seconds")
+        return f"{s_:.1f}" if s_ is not None else "n/a"
+
+    return fmt
 
 
 def print_table(rows: list[dict]) -> None:
@@ -74,7 +78,8 @@ def print_table(rows: list[dict]) -> None:
         ("FHE s / image", fmt_time),
         ("core-seconds / image", lambda r: f"{seconds(r) * r['cores']:,.0f}" if seconds(r) and r.get("cores") else "n/a"),
         ("estimate s / image", lambda r: f"{r['fhe_s_estimate']:.1f}" if r.get("fhe_s_estimate") is not None else "n/a"),
-        ("  of which multiply-adds", fmt_linear),
+        ("  of which multiply-adds", fmt_term("estimate_multiply_adds")),
+        ("  of which input decompression", fmt_term("estimate_inputs")),
     ]
     width = max(len(l) for l, _ in lines)
     print(f"{'':<{width}}  " + "  ".join(f"{r['config']:>24}" for r in rows))
@@ -84,8 +89,9 @@ def print_table(rows: list[dict]) -> None:
         for part in r["estimate_parts"]:
             if part.get("note"):
                 print(f"{r['config']}: {part['pbs']:,} PBS at N={part['parameters']['polynomial_size']}: {part['note']}")
-        if (r.get("estimate_multiply_adds") or {}).get("note"):
-            print(f"{r['config']}: {r['estimate_multiply_adds']['note']}")
+        for key in ("estimate_multiply_adds", "estimate_inputs"):
+            if (r.get(key) or {}).get("note"):
+                print(f"{r['config']}: {r[key]['note']}")
     t = {r["config"]: seconds(r) for r in rows}
     if t.get("fast"):
         for name, s_ in t.items():

@@ -1,13 +1,17 @@
-"""The cost of one programmable bootstrap (PBS) and of one ciphertext multiply-add at given
-crypto parameters, measured on this machine, and the FHE time of a circuit estimated from
-them: sum(PBS count x per-PBS seconds) + multiply-adds x seconds per multiply-add.
+"""The cost of one programmable bootstrap (PBS), of one ciphertext multiply-add and of
+expanding one compressed input ciphertext at given crypto parameters, measured on this machine,
+and the FHE time of a circuit estimated from them: sum(PBS count x per-PBS seconds) +
+multiply-adds x seconds per multiply-add + compressed inputs x seconds per input (Concrete ML
+compresses inputs by default: the client sends each ciphertext's mask as a seed, and the server
+expands it when it runs: 1.6 of the 8.1 s per image of fast10g_e80_kdw, RESULTS.md).
 
 Each cost is measured on a synthetic circuit that Concrete compiles to the same (polynomial
 size, GLWE dimension, level), or the closest comparable one scaled by a PBS cost model (see
 per_pbs_seconds; none comparable: no estimate): table lookups alone for the PBS, the same
 lookups behind an encrypted-by-clear matrix product for the multiply-add (the difference of
-the two). benchmark.py validates the estimate against measured FHE times; fhe_inference.py
-prints it before a real-FHE run.
+the two), and a sum of many inputs compressed and plain for the inputs' expansion (the
+difference again). benchmark.py validates the estimate against measured FHE times;
+fhe_inference.py prints it before a real-FHE run.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
 
 # Cached costs carry this version. 2 = fastest of TIMED_RUNS runs, measured only on an idle
 # machine (version 1 kept one run, whatever else was running, and overestimated by up to 2x).
-CACHE_VERSION = 3  # 3: with the multiply-add cost
+CACHE_VERSION = 4  # 3: with the multiply-add cost; 4: with the input decompression cost
 MULTIPLY_ADD_ROWS = 16  # the multiply-add circuit's product has 16 n rows: 16 n^2 multiply-adds
 BUSY_LOAD = 0.25  # cores in use, per core, above which the machine counts as busy
 BUSY_SAMPLE_S = 1.0
@@ -195,7 +199,7 @@ def _measure(target: dict, n: int) -> dict:
     lookups = _fastest_run(circuit, np.arange(n) % 2**bits)
     scale = pbs_cost_model(target) / pbs_cost_model(got)
     out = {"matched": got, "match_tier": tier, "measured_seconds": lookups / n, "seconds": lookups / n * scale, "bits": bits, "p_error": p_error}
-    return {**out, **_multiply_add_seconds(bits, p_error, n, got, lookups, target)}
+    return {**out, **_multiply_add_seconds(bits, p_error, n, got, lookups, target), **_input_seconds(bits, p_error, target)}
 
 
 def _fastest_run(circuit, x) -> float:
@@ -226,15 +230,57 @@ def _multiply_add_seconds(bits: int, p_error: float, n: int, got: dict, lookups_
     if extra <= 0:  # the timing noise of the lookups hid the product: no figure, rather than 0
         return {"multiply_add_seconds": None, "multiply_add_note": f"the product added no measurable time ({extra:+.3f} s): not measured"}
     measured = extra / (m * n)
-    size = lambda p: p["glwe_dimension"] * p["polynomial_size"] + 1  # noqa: E731
-    return {"multiply_add_measured_seconds": measured, "multiply_add_seconds": measured * size(target) / size(got)}
+    return {"multiply_add_measured_seconds": measured, "multiply_add_seconds": measured * _ciphertext_size(target) / _ciphertext_size(got)}
 
 
-def estimate_fhe_seconds(statistics: dict, cache: bool = True) -> tuple[float | None, list, dict]:
+def _ciphertext_size(p: dict) -> int:
+    """Numbers in a ciphertext at these parameters' big key: k x N + 1."""
+    return p["glwe_dimension"] * p["polynomial_size"] + 1
+
+
+INPUT_ROWS = 4096  # inputs of the circuit that measures their expansion: ~0.4 s of its run here
+
+
+def inputs_circuit(bits: int, p_error: float, m: int, compress: bool):
+    """One table lookup on the sum of m encrypted inputs: a circuit whose run is mostly the
+    expansion of its inputs when they arrive compressed (the inputset keeps the sum at `bits`)."""
+    from concrete import fhe
+
+    table = fhe.LookupTable([(i * 5 + 1) % 16 for i in range(2**bits)])
+    inputset = [np.eye(1, m, dtype=np.int64)[0] * v for v in range(2**bits)]
+    compiler = fhe.Compiler(lambda x: table[np.sum(x)], {"x": "encrypted"})
+    return compiler.compile(inputset, fhe.Configuration(p_error=p_error, compress_input_ciphertexts=compress))
+
+
+def _input_seconds(bits: int, p_error: float, target: dict, m: int = INPUT_ROWS) -> dict:
+    """Seconds to expand one compressed input ciphertext: inputs_circuit with compressed inputs,
+    whose server draws each ciphertext's mask from its seed when it runs, less the same circuit
+    on plain inputs, per input; scaled to the target by the ciphertexts' size (one
+    pseudo-random number per number of the mask; the circuit's own size read from its plain
+    inputs' bytes, 8 per number)."""
+    plain = inputs_circuit(bits, p_error, m, compress=False)
+    x = np.eye(1, m, dtype=np.int64)[0]
+    extra = _fastest_run(inputs_circuit(bits, p_error, m, compress=True), x) - _fastest_run(plain, x)
+    if extra <= 0:
+        return {"input_seconds": None, "input_note": f"compressed inputs added no measurable time ({extra:+.3f} s): not measured"}
+    numbers = int(plain.statistics["size_of_inputs"]) / (8 * m)
+    return {"input_seconds": extra / m * _ciphertext_size(target) / numbers}
+
+
+def compressed_inputs(circuit) -> int:
+    """How many input ciphertexts the server of this compiled circuit expands from seeds: all
+    its encrypted input values where inputs are compressed, else 0."""
+    if not circuit.configuration.compress_input_ciphertexts:
+        return 0
+    return sum(math.prod(node.output.shape) for node in circuit.graph.ordered_inputs() if node.output.is_encrypted)
+
+
+def estimate_fhe_seconds(statistics: dict, inputs: int, cache: bool = True) -> tuple[float | None, list, dict, dict]:
     """Seconds per image from a circuit's statistics (None when a parameter set has no
-    comparable synthetic circuit), the PBS parts, and the multiply-add term. A circuit's
-    multiply-adds run on ciphertexts of its different parameter sets; each part's
-    per-multiply-add cost is weighted by its share of the PBS."""
+    comparable synthetic circuit), the PBS parts, the multiply-add term and the term of its
+    `inputs` compressed input ciphertexts (compressed_inputs(circuit); 0: plain inputs, 0 s).
+    A circuit's multiply-adds run on ciphertexts of its different parameter sets; each part's
+    per-multiply-add cost is weighted by its share of the PBS, and so is its per-input cost."""
     total, parts = 0.0, []
     for param, count in statistics["programmable_bootstrap_count_per_parameter"].items():
         cost = per_pbs_seconds(param_dict(param), cache=cache)
@@ -250,4 +296,12 @@ def estimate_fhe_seconds(statistics: dict, cache: bool = True) -> tuple[float | 
         total = None if total is None else total + linear["seconds"]
     elif count:
         linear["note"] = "the multiply-add cost was not measured: the estimate counts the PBS only"
-    return total, parts, linear
+    expand = {"compressed_inputs": inputs, "seconds_each": None, "seconds": 0.0 if not inputs else None}
+    each = [p.get("input_seconds") for p in parts]
+    if inputs and parts and None not in each:
+        expand["seconds_each"] = sum(p["pbs"] * e for p, e in zip(parts, each)) / pbs
+        expand["seconds"] = inputs * expand["seconds_each"]
+        total = None if total is None else total + expand["seconds"]
+    elif inputs:
+        expand["note"] = "the cost of expanding compressed inputs was not measured: the estimate leaves it out"
+    return total, parts, linear, expand

@@ -17,7 +17,7 @@ import fhe_inference
 from cli import UserError
 from conftest import SHARED, TINY_G2, needs_dataset
 from fhe import CompileOptions, clear_features, compile_checkpoint, evaluate, quantized_logits
-from models import TINY
+from models import TINY, conv_out
 from p_error_search import bisect_log, validate_down
 from provenance import hardware
 
@@ -257,6 +257,8 @@ def test_per_pbs_estimator_matches_parameters_and_measures():
     assert 0 < cost["seconds"] < 10
     # one multiply-add costs something, and far less than a PBS (a few k x N additions)
     assert 0 < cost["multiply_add_seconds"] < cost["seconds"] / 20
+    # expanding a compressed input ciphertext from its seed costs something, less than a PBS
+    assert 0 < cost["input_seconds"] < cost["seconds"]
 
 
 def test_multiply_add_cost_hidden_by_noise_is_not_a_zero(monkeypatch):
@@ -274,20 +276,48 @@ def test_multiply_add_cost_hidden_by_noise_is_not_a_zero(monkeypatch):
     assert got["multiply_add_seconds"] == pytest.approx(0.64 / (pbs_cost.MULTIPLY_ADD_ROWS * 4 * 4))
 
 
-def test_estimate_adds_the_multiply_adds_to_the_lookups(monkeypatch):
+def test_estimate_adds_the_multiply_adds_and_the_inputs_to_the_lookups(monkeypatch):
     import pbs_cost
     from pbs_cost import estimate_fhe_seconds, synthetic_circuit
 
     circuit = synthetic_circuit(5, 0.05, 4, m=8)
     stats = circuit.statistics
     assert stats["clear_multiplication_count"] == 32 and stats["programmable_bootstrap_count"] == 4
-    monkeypatch.setattr(pbs_cost, "per_pbs_seconds", lambda p, cache: {"seconds": 0.5, "multiply_add_seconds": 0.01})
-    total, parts, linear = estimate_fhe_seconds(stats)
+    assert pbs_cost.compressed_inputs(circuit) == 0  # plain inputs: nothing to expand
+    assert pbs_cost.compressed_inputs(pbs_cost.inputs_circuit(5, 0.05, 8, compress=True)) == 8
+    cost = {"seconds": 0.5, "multiply_add_seconds": 0.01, "input_seconds": 0.001}
+    monkeypatch.setattr(pbs_cost, "per_pbs_seconds", lambda p, cache: cost)
+    total, parts, linear, inputs = estimate_fhe_seconds(stats, inputs=8)
     assert [p["pbs"] for p in parts] == [4] and linear["multiply_adds"] == 32
-    assert linear["seconds"] == pytest.approx(0.32) and total == pytest.approx(4 * 0.5 + 0.32)
-    monkeypatch.setattr(pbs_cost, "per_pbs_seconds", lambda p, cache: {"seconds": 0.5, "multiply_add_seconds": None})
-    total, _, linear = estimate_fhe_seconds(stats)
-    assert total == pytest.approx(2.0) and "PBS only" in linear["note"]
+    assert linear["seconds"] == pytest.approx(0.32) and inputs["seconds"] == pytest.approx(0.008)
+    assert total == pytest.approx(4 * 0.5 + 0.32 + 0.008)
+    total, _, _, inputs = estimate_fhe_seconds(stats, inputs=0)
+    assert inputs["seconds"] == 0 and total == pytest.approx(4 * 0.5 + 0.32)
+    monkeypatch.setattr(pbs_cost, "per_pbs_seconds", lambda p, cache: {"seconds": 0.5, "multiply_add_seconds": None, "input_seconds": None})
+    total, _, linear, inputs = estimate_fhe_seconds(stats, inputs=8)
+    assert total == pytest.approx(2.0) and "PBS only" in linear["note"] and "leaves it out" in inputs["note"]
+
+
+def test_input_expansion_is_the_compressed_run_less_the_plain_one(monkeypatch):
+    """Measured as the difference of two runs of one circuit, compressed and plain, per input,
+    scaled to the target by the ciphertexts' size; a difference lost in the timing noise is no
+    figure rather than 0 s."""
+    import pbs_cost
+    from pbs_cost import inputs_circuit, param_dict
+
+    plain = inputs_circuit(5, 0.05, 8, compress=False)
+    (param,) = plain.statistics["programmable_bootstrap_count_per_parameter"]
+    own = param_dict(param)  # the inputs are ciphertexts of k N + 1 numbers of 8 bytes
+    assert plain.statistics["size_of_inputs"] == 8 * 8 * (own["glwe_dimension"] * own["polynomial_size"] + 1)
+    runs = {True: 1.3, False: 1.0}
+    monkeypatch.setattr(pbs_cost, "_fastest_run", lambda circuit, x: runs[circuit.configuration.compress_input_ciphertexts])
+    assert pbs_cost._input_seconds(5, 0.05, own, m=8)["input_seconds"] == pytest.approx(0.3 / 8)
+    twice = {**own, "glwe_dimension": 2 * own["glwe_dimension"]}
+    scale = (2 * own["glwe_dimension"] * own["polynomial_size"] + 1) / (own["glwe_dimension"] * own["polynomial_size"] + 1)
+    assert pbs_cost._input_seconds(5, 0.05, twice, m=8)["input_seconds"] == pytest.approx(0.3 / 8 * scale)
+    runs[True] = 0.99
+    got = pbs_cost._input_seconds(5, 0.05, own, m=8)
+    assert got["input_seconds"] is None and "not measured" in got["input_note"]
 
 
 def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
@@ -391,7 +421,10 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     assert row["fhe_s_median"] > 0 and row["cores"] >= 1 and row["n_images"] == 20
     linear = row["estimate_multiply_adds"]  # the tiny model's encrypted conv and linear layers
     assert linear["multiply_adds"] == row["multiply_add_count"] > 0 and linear["seconds"] > 0
-    assert row["fhe_s_estimate"] == pytest.approx(sum(p["pbs"] * p["seconds"] for p in row["estimate_parts"]) + linear["seconds"])
+    inputs = row["estimate_inputs"]  # Concrete ML compresses the inputs: the server expands each
+    side = conv_out(TINY.image_size, *TINY.clear_conv[1:], TINY.clear_pool)
+    assert inputs["compressed_inputs"] == TINY.clear_conv[0] * side**2 and inputs["seconds"] > 0
+    assert row["fhe_s_estimate"] == pytest.approx(sum(p["pbs"] * p["seconds"] for p in row["estimate_parts"]) + linear["seconds"] + inputs["seconds"])
     printed, progress = capfd.readouterr()
     # the config's own process (simulation draws, FHE images) reports its progress as it runs
     assert "simulate 2/2" in progress and "tiny: image 1/1 in FHE" in progress
@@ -489,7 +522,8 @@ def test_run_estimate_scales_to_the_servers_threads(monkeypatch, capsys):
     import fhe_inference
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr(fhe_inference, "estimate_fhe_seconds", lambda stats: (10.0, [], {"multiply_adds": 0}))
+    monkeypatch.setattr(fhe_inference, "estimate_fhe_seconds", lambda stats, inputs: (10.0, [], {"multiply_adds": 0}, {}))
+    monkeypatch.setattr(fhe_inference, "compressed_inputs", lambda circuit: 0)
     qm = SimpleNamespace(fhe_circuit=SimpleNamespace(statistics={}))
     cfg = lambda **kw: fhe_inference.FHEConfig(yes=True, **kw)  # noqa: E731
     two_workers = fhe_inference.check_estimate(qm, {"pbs_count": 1}, 10, cfg(workers=2, threads_per_worker=1))
