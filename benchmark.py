@@ -10,11 +10,12 @@ keygen seconds, peak memory, FHE seconds per image, and core-seconds per image (
 cores the run had). The FHE time is measured (median over --n-fhe images, through the client /
 server path of fhe_inference.py) where --max-fhe-s allows; otherwise it is ESTIMATED
 (pbs_cost.py) as sum(PBS count x per-PBS seconds) + multiply-adds x seconds per multiply-add
-+ compressed inputs x seconds to expand one, each cost measured here on a synthetic circuit that Concrete compiles to the same (polynomial
-size, GLWE dimension, level), or the closest comparable one scaled by a PBS cost model (none
-comparable: no estimate). The estimator also runs on the measured configs, to validate it. The
-frontier table and plot (top-1 against seconds per image, log scale) add the published anchors
-in frontier.PUBLISHED, labelled with their hardware: their figures, not measured here.
++ compressed inputs x seconds to expand one, each cost measured here on a synthetic circuit
+that Concrete compiles to the same (polynomial size, GLWE dimension, level), or the closest
+comparable one scaled by a PBS cost model (none comparable: no estimate). The estimator also
+runs on the measured configs, to validate it. The frontier table and plot (top-1 against
+seconds per image, log scale) add the published anchors in frontier.PUBLISHED, labelled with
+their hardware: their figures, not measured here.
 """
 
 from __future__ import annotations

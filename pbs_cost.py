@@ -259,6 +259,9 @@ def _input_seconds(bits: int, p_error: float, target: dict, m: int = INPUT_ROWS)
     pseudo-random number per number of the mask; the circuit's own size read from its plain
     inputs' bytes, 8 per number)."""
     plain = inputs_circuit(bits, p_error, m, compress=False)
+    key_bytes = sum(int(plain.statistics[f"size_of_{k}"]) for k in ("bootstrap_keys", "keyswitch_keys"))
+    if key_bytes > KEY_LIMIT_BYTES:
+        return {"input_seconds": None, "input_note": f"keys {key_bytes / 2**30:.1f} GiB: not measured"}
     x = np.eye(1, m, dtype=np.int64)[0]
     extra = _fastest_run(inputs_circuit(bits, p_error, m, compress=True), x) - _fastest_run(plain, x)
     if extra <= 0:

@@ -318,6 +318,9 @@ def test_input_expansion_is_the_compressed_run_less_the_plain_one(monkeypatch):
     runs[True] = 0.99
     got = pbs_cost._input_seconds(5, 0.05, own, m=8)
     assert got["input_seconds"] is None and "not measured" in got["input_note"]
+    monkeypatch.setattr(pbs_cost, "KEY_LIMIT_BYTES", 0)  # never a key generation it has not sized
+    got = pbs_cost._input_seconds(5, 0.05, own, m=8)
+    assert got["input_seconds"] is None and "GiB: not measured" in got["input_note"]
 
 
 def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
