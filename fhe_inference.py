@@ -153,7 +153,7 @@ def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
     per_server = per_image * threads / server_threads
     total = per_server * n_todo / servers
     print(f"estimated FHE time: {per_image:.1f} s per image with {threads} thread(s) on this machine "
-          f"({report['pbs_count']:,} PBS, {linear['multiply_adds']:,} multiply-adds, {inputs.get('compressed_inputs', 0):,} compressed inputs); "
+          f"({report['pbs_count']:,} PBS, {linear['multiply_adds']:,} multiply-adds, {inputs['compressed_inputs']:,} compressed inputs); "
           f"{total / 3600:.2f} h for {n_todo} images on {servers} server(s) of {server_threads} thread(s)", flush=True)
     if total > CONFIRM_ABOVE_S and not cfg.yes and n_todo:
         raise UserError(f"this run is estimated at {total / 3600:.1f} h: pass --yes to run it (or fewer --n-images)")

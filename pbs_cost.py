@@ -35,6 +35,23 @@ def param_dict(p) -> dict:
     return {k: int(getattr(p, k)()) for k in ("polynomial_size", "glwe_dimension", "input_lwe_dimension", "level", "base_log")}
 
 
+def _table(bits: int):
+    """The synthetic circuits' table: any non-trivial function of a `bits`-bit input."""
+    from concrete import fhe
+
+    return fhe.LookupTable([(i * 5 + 1) % 16 for i in range(2**bits)])
+
+
+def _one_hot_inputset(m: int, bits: int) -> list:
+    """Inputs that are zero but the first, which takes every `bits`-bit value: a product or
+    sum of them keeps `bits` bits."""
+    return [np.eye(1, m, dtype=np.int64)[0] * v for v in range(2**bits)]
+
+
+def _key_bytes(circuit) -> int:
+    return sum(int(circuit.statistics[f"size_of_{k}"]) for k in ("bootstrap_keys", "keyswitch_keys"))
+
+
 def synthetic_circuit(bits: int, p_error: float, n: int, m: int = 0):
     """n independent table lookups on `bits`-bit encrypted inputs: PBS and nothing else; with
     m > 0, each lookup reads a product of m encrypted inputs with a clear (m, n) matrix (m x n
@@ -42,7 +59,7 @@ def synthetic_circuit(bits: int, p_error: float, n: int, m: int = 0):
     inputset, so the lookups' inputs keep `bits` bits (and the circuit its crypto parameters)."""
     from concrete import fhe
 
-    table = fhe.LookupTable([(i * 5 + 1) % 16 for i in range(2**bits)])
+    table = _table(bits)
     if m == 0:
         compiler = fhe.Compiler(lambda x: table[x], {"x": "encrypted"})
         inputset = [np.arange(n) % 2**bits, np.full(n, 2**bits - 1)]
@@ -50,7 +67,7 @@ def synthetic_circuit(bits: int, p_error: float, n: int, m: int = 0):
         w = np.random.default_rng(0).integers(-3, 4, (m, n))
         w[0] = 1
         compiler = fhe.Compiler(lambda x: table[x @ w], {"x": "encrypted"})
-        inputset = [np.eye(1, m, dtype=np.int64)[0] * v for v in range(2**bits)]
+        inputset = _one_hot_inputset(m, bits)
     return compiler.compile(inputset, fhe.Configuration(p_error=p_error))
 
 
@@ -193,7 +210,7 @@ def _measure(target: dict, n: int) -> dict:
         return {"matched": None, "seconds": None, "note": f"no synthetic lookup compiles to N={target['polynomial_size']}, k={target['glwe_dimension']}: not estimated"}
     (tier, _), got, bits, p_error = min(scored, key=lambda c: c[0])
     circuit = synthetic_circuit(bits, p_error, n)
-    key_bytes = sum(int(circuit.statistics[f"size_of_{k}"]) for k in ("bootstrap_keys", "keyswitch_keys"))
+    key_bytes = _key_bytes(circuit)
     if key_bytes > KEY_LIMIT_BYTES:
         return {"matched": got, "seconds": None, "note": f"keys {key_bytes / 2**30:.1f} GiB: not measured"}
     lookups = _fastest_run(circuit, np.arange(n) % 2**bits)
@@ -246,10 +263,9 @@ def inputs_circuit(bits: int, p_error: float, m: int, compress: bool):
     expansion of its inputs when they arrive compressed (the inputset keeps the sum at `bits`)."""
     from concrete import fhe
 
-    table = fhe.LookupTable([(i * 5 + 1) % 16 for i in range(2**bits)])
-    inputset = [np.eye(1, m, dtype=np.int64)[0] * v for v in range(2**bits)]
+    table = _table(bits)
     compiler = fhe.Compiler(lambda x: table[np.sum(x)], {"x": "encrypted"})
-    return compiler.compile(inputset, fhe.Configuration(p_error=p_error, compress_input_ciphertexts=compress))
+    return compiler.compile(_one_hot_inputset(m, bits), fhe.Configuration(p_error=p_error, compress_input_ciphertexts=compress))
 
 
 def _input_seconds(bits: int, p_error: float, target: dict, m: int = INPUT_ROWS) -> dict:
@@ -259,7 +275,7 @@ def _input_seconds(bits: int, p_error: float, target: dict, m: int = INPUT_ROWS)
     pseudo-random number per number of the mask; the circuit's own size read from its plain
     inputs' bytes, 8 per number)."""
     plain = inputs_circuit(bits, p_error, m, compress=False)
-    key_bytes = sum(int(plain.statistics[f"size_of_{k}"]) for k in ("bootstrap_keys", "keyswitch_keys"))
+    key_bytes = _key_bytes(plain)
     if key_bytes > KEY_LIMIT_BYTES:
         return {"input_seconds": None, "input_note": f"keys {key_bytes / 2**30:.1f} GiB: not measured"}
     x = np.eye(1, m, dtype=np.int64)[0]
@@ -278,6 +294,15 @@ def compressed_inputs(circuit) -> int:
     return sum(math.prod(node.output.shape) for node in circuit.graph.ordered_inputs() if node.output.is_encrypted)
 
 
+def _pbs_weighted(parts: list, key: str) -> float | None:
+    """A per-unit cost over the circuit's parameter sets, each weighted by its share of the
+    PBS; None if a part lacks it."""
+    each = [p.get(key) for p in parts]
+    if not parts or None in each:
+        return None
+    return sum(p["pbs"] * e for p, e in zip(parts, each)) / sum(p["pbs"] for p in parts)
+
+
 def estimate_fhe_seconds(statistics: dict, inputs: int, cache: bool = True) -> tuple[float | None, list, dict, dict]:
     """Seconds per image from a circuit's statistics (None when a parameter set has no
     comparable synthetic circuit), the PBS parts, the multiply-add term and the term of its
@@ -290,20 +315,17 @@ def estimate_fhe_seconds(statistics: dict, inputs: int, cache: bool = True) -> t
         parts.append({"parameters": param_dict(param), "pbs": int(count), **cost})
         total = None if total is None or cost["seconds"] is None else total + count * cost["seconds"]
     count = int(statistics["clear_multiplication_count"])
-    pbs = sum(p["pbs"] for p in parts)
-    each = [p.get("multiply_add_seconds") for p in parts]
-    linear = {"multiply_adds": count, "seconds_each": None, "seconds": None}
-    if parts and None not in each:
-        linear["seconds_each"] = sum(p["pbs"] * e for p, e in zip(parts, each)) / pbs
+    linear = {"multiply_adds": count, "seconds_each": _pbs_weighted(parts, "multiply_add_seconds"), "seconds": None}
+    if linear["seconds_each"] is not None:
         linear["seconds"] = count * linear["seconds_each"]
         total = None if total is None else total + linear["seconds"]
     elif count:
         linear["note"] = "the multiply-add cost was not measured: the estimate counts the PBS only"
     expand = {"compressed_inputs": inputs, "seconds_each": None, "seconds": 0.0 if not inputs else None}
-    each = [p.get("input_seconds") for p in parts]
-    if inputs and parts and None not in each:
-        expand["seconds_each"] = sum(p["pbs"] * e for p, e in zip(parts, each)) / pbs
-        expand["seconds"] = inputs * expand["seconds_each"]
+    each = _pbs_weighted(parts, "input_seconds")
+    if inputs and each is not None:
+        expand["seconds_each"] = each
+        expand["seconds"] = inputs * each
         total = None if total is None else total + expand["seconds"]
     elif inputs:
         expand["note"] = "the cost of expanding compressed inputs was not measured: the estimate leaves it out"

@@ -525,7 +525,7 @@ def test_run_estimate_scales_to_the_servers_threads(monkeypatch, capsys):
     import fhe_inference
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr(fhe_inference, "estimate_fhe_seconds", lambda stats, inputs: (10.0, [], {"multiply_adds": 0}, {}))
+    monkeypatch.setattr(fhe_inference, "estimate_fhe_seconds", lambda stats, inputs: (10.0, [], {"multiply_adds": 0}, {"compressed_inputs": inputs}))
     monkeypatch.setattr(fhe_inference, "compressed_inputs", lambda circuit: 0)
     qm = SimpleNamespace(fhe_circuit=SimpleNamespace(statistics={}))
     cfg = lambda **kw: fhe_inference.FHEConfig(yes=True, **kw)  # noqa: E731
