@@ -81,9 +81,12 @@ INIT_fast10g_2x80 := $(TRAINING)/fast10g_e80_kdw.pt
 # The search's tolerance (top-1 drop from the clear quantized model on 1,000 training images):
 # fast10g_kd's 0.005, except accurate60, whose 6-bit rounding alone lost 0.0065 at p_error 1e-6
 # (results/accurate60/p_error_search_tolerance_0.005.log), so no p_error met 0.005; and accurate,
-# whose 4,746 lookups are more still.
+# whose 4,746 lookups are more still; and fast10g_2x80, because fast10g_e80, whose weights it
+# starts from, was pushed to polynomial size 4096 at 0.005 (21.8 s, past the fast target's 10) and
+# was shipped after a second search at 0.01 by hand (RESULTS.md).
 TOLERANCE_accurate60 := 0.01
 TOLERANCE_accurate := 0.01
+TOLERANCE_fast10g_2x80 := 0.01
 resume = $(if $(wildcard $(TRAINING)/$(1).state.pt),--resume)
 
 training: $(STUDENTS:%=results/benchmark_%_kdw.json)
