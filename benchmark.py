@@ -59,8 +59,8 @@ SETTINGS = {
     "fast_a4_kdw": {},
     "accurate_kdw": {},
     "fast_e80_kdw": {},  # fast_kdw's run with 80 epochs; shipped, the default (its p_error searched at fast_kd's tolerance)
-    "fast10g_e80_kdw": {},  # fast10g_kd's layout with fast_e80_kdw's 80 epochs; shipped, the fast end (p_error searched at tolerance 0.01)
-    "fast10g_2x80_kdw": {},  # fast10g_e80_kdw trained through a second 80-epoch cycle
+    "fast10g_e80_kdw": {},  # fast10g_kd's layout with fast_e80_kdw's 80 epochs; shipped (p_error searched at tolerance 0.01)
+    "fast10g_2x80_kdw": {},  # fast10g_e80_kdw trained through a second 80-epoch cycle; shipped, the fast end (tolerance 0.01)
     "fast10g_h256": {},  # fast10g with a hidden linear of 256 (models.py), untrained: its costs alone
     "fast10g_h256_kdw": {},  # fast10g_h256 distilled from resnet_w with fast10g_e80_kdw's 80 epochs
     "accurate": {},  # the 4,746-lookup layout (models.py) untrained: its costs alone (trained: accurate_kdw)
@@ -71,7 +71,7 @@ SETTINGS = {
 
 @dataclass
 class BenchConfig:
-    configs: str = opt("reference,reference_r6,fast,fast_kd,fast_e80_kdw,fast10,fast10w,fast10w_r5,fast10g_kd,fast10g_e80_kdw",
+    configs: str = opt("reference,reference_r6,fast,fast_kd,fast_e80_kdw,fast10,fast10w,fast10w_r5,fast10g_kd,fast10g_e80_kdw,fast10g_2x80_kdw",
                        "comma-separated configs to benchmark (see SETTINGS in benchmark.py); the default: every shipped model")
     checkpoint_dir: str = opt("checkpoints", "folder holding <config>.pt")
     n_images: int = opt(1000, "test images for the torch / simulation top-1")
