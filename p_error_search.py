@@ -16,6 +16,12 @@ holding is an error). Writes a JSON (value, search trace, validations) and a plo
 reuses an earlier search's bisection (its JSON) and only validates: the way to apply the
 validation rule to a search made before it, without bisecting again.
 
+    python p_error_search.py --checkpoint checkpoints/fast.pt --cost-slack 0.1
+
+then walks down from the value found while Concrete's complexity stays within 10 % of its own
+(its crypto parameters often stay the same over a decade of p_error, the errors do not), and
+keeps the lowest such value if it holds its validation too.
+
 Why not Concrete ML's BinarySearch (concrete.ml.search_parameters): it compiles with
 p_error alone, without rounding_threshold_bits, so it would tune a different circuit than
 the rounded one we deploy; it also bisects linearly on (0, 0.9), where p_error values that
@@ -48,14 +54,15 @@ from provenance import atomic_write, provenance, write_json
 class SearchConfig(ParallelOptions):
     n_images: int = opt(1000, "search on the first N training images")
     tolerance: float = opt(0.01, "largest allowed top-1 drop vs the clear quantized model (0.01 = 1 point)")
-    lower: float = opt(1e-6, "lower end of the p_error search range")
+    lower: float = opt(1e-6, "lower end of the p_error search range (and of --cost-slack's walk)")
     upper: float = opt(0.5, "upper end of the p_error search range")
     max_iter: int = opt(8, "bisection steps (each: one compile + --n-sim simulations)")
     n_sim: int = opt(3, "simulations averaged at each candidate p_error (simulation is random)")
     n_validation: int = opt(40, "simulations at the value found, to measure the spread and check its mean drop (again at each smaller passing value while it exceeds --tolerance)")
     json: str = opt("runs/p_error_search.json", "result file (a .png plot is written beside it)")
     write: bool = opt(False, "store the p_error found, with these rounding settings, in the checkpoint as its deployed setting")
-    from_search: str | None = opt(None, "an earlier search's JSON: reuse its bisection (same model, images, calibration and rounding: checked; --lower, --upper, --max-iter and --n-sim unused) and only validate")
+    from_search: str | None = opt(None, "an earlier search's JSON: reuse its bisection (same model, images, calibration and rounding: checked; --upper, --max-iter and --n-sim unused, --lower bounds --cost-slack's walk) and only validate")
+    cost_slack: float = opt(0.0, "then lower the value found while Concrete's complexity for the circuit stays within (1 + this) times its own (0.1: 10 %%): fewer lookup errors for that much more cost at most; the lowest is validated and kept if it holds; 0: off")
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,8 +70,8 @@ class SearchConfig(ParallelOptions):
             raise UserError("p_error_search.py searches p_error: do not pass --p-error / --global-p-error")
         if not 0 < self.lower < self.upper < 1:
             raise UserError("need 0 < --lower < --upper < 1")
-        if min(self.n_images, self.max_iter, self.n_sim) < 1 or self.n_validation < 0 or self.tolerance < 0:
-            raise UserError("--n-images, --max-iter and --n-sim must be >= 1, --n-validation and --tolerance >= 0")
+        if min(self.n_images, self.max_iter, self.n_sim) < 1 or min(self.n_validation, self.tolerance, self.cost_slack) < 0:
+            raise UserError("--n-images, --max-iter and --n-sim must be >= 1, --n-validation, --tolerance and --cost-slack >= 0")
         check_output_file(self.json, "--json")
         if self.write:
             check_output_file(self.checkpoint, "--checkpoint")
@@ -134,6 +141,29 @@ def validate_down(drops_at, trace, tolerance: float):
         if mean is None or within(mean, tolerance):
             return p, tried
     return None, tried
+
+
+# The walk down from the value found: 8 steps per decade of p_error
+SLACK_STEP = 10 ** (-1 / 8)
+
+
+def lower_within_cost(complexity_at, p: float, slack: float, lower: float):
+    """The smallest p_error below p, in steps of SLACK_STEP down to `lower`, whose circuit's
+    complexity_at(p) is at most (1 + slack) times p's own: Concrete picks crypto parameters for
+    the p_error asked, and below a value found its cost often stays flat (the same polynomial size
+    and level, a few more LWE dimensions) while the lookup errors fall with it; the walk stops at
+    the first step over the budget (a level or polynomial size up).
+    Returns (that p_error, p itself when no step fits; [{"p_error", "complexity", "within_budget"}])."""
+    budget = (1 + slack) * complexity_at(p)
+    walk, best = [{"p_error": p, "complexity": budget / (1 + slack), "within_budget": True}], p
+    q = p * SLACK_STEP
+    while q >= lower:
+        c = complexity_at(q)
+        walk.append({"p_error": q, "complexity": c, "within_budget": c <= budget})
+        if c > budget:
+            break
+        best, q = q, q * SLACK_STEP
+    return best, walk
 
 
 def plot(trace, reference: float, tolerance: float, chosen, path: Path) -> None:
@@ -223,9 +253,24 @@ def main(argv=None) -> dict:
             return drops
 
         chosen, validations = validate_down(drops_at, trace, cfg.tolerance)
-    if chosen is None:
-        raise UserError(f"no p_error that passed the bisection holds --tolerance {cfg.tolerance} over {cfg.n_validation} validation "
-                        f"simulations (mean drops {[round(v['mean_drop'], 4) for v in validations]}): raise --tolerance")
+        if chosen is None:
+            raise UserError(f"no p_error that passed the bisection holds --tolerance {cfg.tolerance} over {cfg.n_validation} validation "
+                            f"simulations (mean drops {[round(v['mean_drop'], 4) for v in validations]}): raise --tolerance")
+        slack = None
+        if cfg.cost_slack:
+            lowest, walk = lower_within_cost(lambda p: float(compiled(p).fhe_circuit.statistics["complexity"]), chosen, cfg.cost_slack, cfg.lower)
+            for w in walk:
+                print(f"p_error {w['p_error']:10.4g}  complexity {w['complexity']:.4g}" + ("" if w["within_budget"] else f": over {1 + cfg.cost_slack:g} times {chosen:.4g}'s"))
+            slack = {"cost_slack": cfg.cost_slack, "searched_p_error": chosen, "walk": walk, "lowest": lowest, "kept": False}
+            if lowest != chosen:
+                drops = drops_at(lowest)
+                slack["validation"] = {"p_error": lowest, "runs": len(drops), "mean_drop": float(np.mean(drops)) if drops else None,
+                                       "max_drop": float(np.max(drops)) if drops else None}
+                if not drops or within(np.mean(drops), cfg.tolerance):
+                    chosen, slack["kept"] = lowest, True
+                    validations.append(slack["validation"])
+                else:  # fewer errors lose no more but by chance: the searched value stays
+                    print(f"p_error {lowest:.4g} lost more than --tolerance in validation: {chosen:.4g} stays")
     print(f"chosen p_error {chosen:.4g}")
     validation = {k: validations[-1][k] for k in ("runs", "mean_drop", "max_drop")}
     result = {
@@ -234,6 +279,7 @@ def main(argv=None) -> dict:
         "trace": [{"p_error": p, "top1": a, "within_tolerance": bool(ok)} for p, a, ok in trace],
         "validation": validation,  # at the chosen value
         "validations": validations,  # every value validated, largest first
+        **({"cost_slack": slack} if slack else {}),
         **({"trace_from": trace_origin(earlier, cfg.from_search)} if earlier else {}),
         "model_config": ckpt["model_config"],
         **provenance(cfg),

@@ -18,7 +18,7 @@ from cli import UserError
 from conftest import SHARED, TINY_G2, needs_dataset
 from fhe import CompileOptions, clear_features, compile_checkpoint, evaluate, quantized_logits
 from models import TINY, conv_out
-from p_error_search import bisect_log, validate_down
+from p_error_search import SLACK_STEP, bisect_log, lower_within_cost, validate_down
 from provenance import hardware
 
 # A very small p_error (over the ~450 PBS of the tiny circuit an error is ~1e-6 likely) and
@@ -174,6 +174,23 @@ def test_validation_steps_down_past_a_lucky_pass():
     assert bisect_log(lambda p: 0.841, 0.851, 0.01, 1e-6, 0.5, 5)[0] == 0.5
 
 
+def test_cost_slack_walks_down_while_the_cost_holds():
+    """Flat complexity down to 0.05, 5 % more down to 0.01 (a few more LWE dimensions), then a
+    level up: a 10 % slack keeps the last step above 0.01, a 1 % slack the last above 0.05."""
+    def complexity(p):
+        return 1.0 if p > 0.05 else 1.05 if p > 0.01 else 1.6
+
+    best, walk = lower_within_cost(complexity, 0.179, 0.1, 1e-6)
+    assert 0.01 < best and best * SLACK_STEP <= 0.01
+    assert [w["within_budget"] for w in walk] == [True] * (len(walk) - 1) + [False] and walk[-1]["complexity"] == 1.6
+    assert walk[0] == {"p_error": 0.179, "complexity": 1.0, "within_budget": True}
+    best, _ = lower_within_cost(complexity, 0.179, 0.01, 1e-6)
+    assert 0.05 < best < 0.179 and best * SLACK_STEP <= 0.05
+    assert lower_within_cost(lambda p: 1 / p, 0.1, 0.1, 1e-6)[0] == 0.1  # no step fits: the value found stays
+    best, walk = lower_within_cost(lambda p: 1.0, 0.1, 0.1, 0.05)  # flat all the way: stops at --lower
+    assert 0.05 <= best < 0.05 / SLACK_STEP and all(w["within_budget"] for w in walk)
+
+
 def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch):
     """--from-search takes the earlier bisection's accuracies, judges them against this
     --tolerance and validates from the largest passing value down; a search of other images or
@@ -198,6 +215,11 @@ def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_
     twice = p_error_search.main(args + ["--from-search", str(tmp_path / "again.json"), "--n-validation", "1", "--tolerance", "0.5",
                                         "--json", str(tmp_path / "twice.json")])
     assert twice["trace_from"] == r["trace_from"] and twice["trace"] == r["trace"]
+    # --cost-slack walks down from 1e-4 to --lower (the tiny circuit's cost hardly moves) and keeps the lowest
+    slack = p_error_search.main(again + ["--tolerance", "0.5", "--cost-slack", "10", "--lower", "1e-5", "--json", str(tmp_path / "slack.json")])
+    assert 1e-5 <= slack["p_error"] < 1e-4 and slack["cost_slack"]["searched_p_error"] == 1e-4 and slack["cost_slack"]["kept"]
+    assert slack["validations"][-1]["p_error"] == slack["p_error"] and slack["validation"]["runs"] == 2
+    assert [w["p_error"] for w in slack["cost_slack"]["walk"] if w["within_budget"]][-1] == slack["p_error"]
 
     def compile_model(*a, **k):
         raise AssertionError("compiled before the earlier search was checked")
