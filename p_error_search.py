@@ -154,8 +154,9 @@ def lower_within_cost(complexity_at, p: float, slack: float, lower: float):
     and level, a few more LWE dimensions) while the lookup errors fall with it; the walk stops at
     the first step over the budget (a level or polynomial size up).
     Returns (that p_error, p itself when no step fits; [{"p_error", "complexity", "within_budget"}])."""
-    budget = (1 + slack) * complexity_at(p)
-    walk, best = [{"p_error": p, "complexity": budget / (1 + slack), "within_budget": True}], p
+    own = complexity_at(p)
+    budget = (1 + slack) * own
+    walk, best = [{"p_error": p, "complexity": own, "within_budget": True}], p
     q = p * SLACK_STEP
     while q >= lower:
         c = complexity_at(q)
