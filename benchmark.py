@@ -63,6 +63,7 @@ SETTINGS = {
     "fast10g_2x80_kdw": {},  # fast10g_e80_kdw trained through a second 80-epoch cycle; shipped, the fast end (tolerance 0.01)
     "fast10g_h256": {},  # fast10g with a hidden linear of 256 (models.py), untrained: its costs alone
     "fast10g_h256_kdw": {},  # fast10g_h256 distilled from resnet_w with fast10g_e80_kdw's 80 epochs
+    "fast10g_h256_2x80_kdw": {},  # fast10g_h256_kdw trained through a second 80-epoch cycle (make training's step 11)
     "accurate": {},  # the 4,746-lookup layout (models.py) untrained: its costs alone (trained: accurate_kdw)
     "accurate60": {},  # the 4,106-lookup candidate for the 60 s target (models.py), untrained: its costs alone
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests

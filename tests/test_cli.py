@@ -168,3 +168,19 @@ def test_result_files_name_the_commit_and_whether_the_code_was_modified(tmp_path
     assert code_version(tmp_path)["modified"] is False
     (tmp_path / "model.py").write_text("width = 2\n")
     assert code_version(tmp_path) == {"commit": head, "modified": True}
+
+
+def test_every_step_of_the_training_queue_can_run_to_its_benchmark():
+    """`make training` runs for hours before its last command: each student's layout must exist,
+    its benchmark row must be known, and a student started from another's weights must come after it."""
+    import models
+    makefile = (ROOT / "Makefile").read_text()
+    students = re.search(r"^STUDENTS := (.*)$", makefile, re.M).group(1).split()
+    layouts = dict(re.findall(r"^MODEL_(\w+) := (\w+)$", makefile, re.M))
+    inits = dict(re.findall(r"^INIT_(\w+) := \$\(TRAINING\)/(\w+)_kdw\.pt$", makefile, re.M))
+    assert students and inits
+    for s in students:
+        assert layouts.get(s, s) in models.CONFIGS, s
+        assert f"{s}_kdw" in benchmark.SETTINGS, s
+    for s, source in inits.items():
+        assert students.index(source) < students.index(s), (s, source)
