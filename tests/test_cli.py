@@ -15,6 +15,7 @@ import benchmark
 import fhe_inference
 import infer_torch
 import infer_vl
+import models
 import p_error_search
 import train
 from cli import exit_status
@@ -173,7 +174,6 @@ def test_result_files_name_the_commit_and_whether_the_code_was_modified(tmp_path
 def test_every_step_of_the_training_queue_can_run_to_its_benchmark():
     """`make training` runs for hours before its last command: each student's layout must exist,
     its benchmark row must be known, and a student started from another's weights must come after it."""
-    import models
     makefile = (ROOT / "Makefile").read_text()
     students = re.search(r"^STUDENTS := (.*)$", makefile, re.M).group(1).split()
     layouts = dict(re.findall(r"^MODEL_(\w+) := (\w+)$", makefile, re.M))
