@@ -45,7 +45,8 @@ notebook: install
 # The teacher resnet_w (40 epochs), evaluated on the test split and copied to checkpoints/ when
 # done; then each student, distilled from it from scratch with the schedule of the model it
 # follows, 30 epochs (fast10g_kd's) or fast_kd's 40 for the others (--bf16: about 1.5 times
-# faster here, the same validation top-1, RESULTS.md): fast10g4 (the candidate for the fast
+# faster on the Xeon, the same validation top-1, RESULTS.md; train.py drops it, with a line in
+# the log, on a CPU without bfloat16 kernels, where it is 15 times slower): fast10g4 (the candidate for the fast
 # target), fast (fast_kd's layout and schedule: what the stronger teacher gives the default
 # model), accurate60 (the 4,106-lookup candidate for the 60 s target), fast_a4 (fast with 4-bit
 # activations: fast_kdw's run with only the bit widths changed), accurate (16 x 16 after the clear
