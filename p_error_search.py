@@ -22,6 +22,14 @@ then walks down from the value found while Concrete's complexity stays within 10
 (its crypto parameters often stay the same over a decade of p_error, the errors do not), and
 keeps the lowest such value if it holds its validation too.
 
+    python p_error_search.py --checkpoint checkpoints/fast10g_h256.pt --max-complexity 6.06e10
+
+caps the cost instead: when the value found makes a circuit whose Concrete complexity is over the
+cap (FHE time grows with it: `complexity` in a cost report or a benchmark JSON), raises p_error
+until it fits and keeps that value whatever its validation loses (the loss is reported); the
+cap bounds --cost-slack's walk too. Checked before any simulation: even --upper over the cap is
+an error.
+
 Why not Concrete ML's BinarySearch (concrete.ml.search_parameters): it compiles with
 p_error alone, without rounding_threshold_bits, so it would tune a different circuit than
 the rounded one we deploy; it also bisects linearly on (0, 0.9), where p_error values that
@@ -63,6 +71,7 @@ class SearchConfig(ParallelOptions):
     write: bool = opt(False, "store the p_error found, with these rounding settings, in the checkpoint as its deployed setting")
     from_search: str | None = opt(None, "an earlier search's JSON: reuse its bisection (same model, images, calibration and rounding: checked; --upper, --max-iter and --n-sim unused, --lower bounds --cost-slack's walk) and only validate")
     cost_slack: float = opt(0.0, "then lower the value found while Concrete's complexity for the circuit stays within (1 + this) times its own (0.1: 10 %%): fewer lookup errors for that much more cost at most; the lowest is validated and kept if it holds; 0: off")
+    max_complexity: float | None = opt(None, "cap on Concrete's complexity for the circuit (`complexity` in a cost report or benchmark JSON; FHE time grows with it): a value found over it is raised to the smallest p_error within it, validated, and kept whatever it loses; also bounds --cost-slack")
 
     def __post_init__(self):
         super().__post_init__()
@@ -72,6 +81,8 @@ class SearchConfig(ParallelOptions):
             raise UserError("need 0 < --lower < --upper < 1")
         if min(self.n_images, self.max_iter, self.n_sim) < 1 or min(self.n_validation, self.tolerance, self.cost_slack) < 0:
             raise UserError("--n-images, --max-iter and --n-sim must be >= 1, --n-validation, --tolerance and --cost-slack >= 0")
+        if self.max_complexity is not None and not self.max_complexity > 0:
+            raise UserError(f"--max-complexity must be > 0, got {self.max_complexity}")
         check_output_file(self.json, "--json")
         if self.write:
             check_output_file(self.checkpoint, "--checkpoint")
@@ -147,15 +158,15 @@ def validate_down(drops_at, trace, tolerance: float):
 SLACK_STEP = 10 ** (-1 / 8)
 
 
-def lower_within_cost(complexity_at, p: float, slack: float, lower: float):
+def lower_within_cost(complexity_at, p: float, slack: float, lower: float, cap: float = math.inf):
     """The smallest p_error below p, in steps of SLACK_STEP down to `lower`, whose circuit's
-    complexity_at(p) is at most (1 + slack) times p's own: Concrete picks crypto parameters for
+    complexity_at(p) is at most (1 + slack) times p's own, and at most cap: Concrete picks crypto parameters for
     the p_error asked, and below a value found its cost often stays flat (the same polynomial size
     and level, a few more LWE dimensions) while the lookup errors fall with it; the walk stops at
     the first step over the budget (a level or polynomial size up).
     Returns (that p_error, p itself when no step fits; [{"p_error", "complexity", "within_budget"}])."""
     own = complexity_at(p)
-    budget = (1 + slack) * own
+    budget = min((1 + slack) * own, cap)
     walk, best = [{"p_error": p, "complexity": own, "within_budget": True}], p
     q = p * SLACK_STEP
     while q >= lower:
@@ -165,6 +176,33 @@ def lower_within_cost(complexity_at, p: float, slack: float, lower: float):
             break
         best, q = q, q * SLACK_STEP
     return best, walk
+
+
+def raise_within_cost(complexity_at, p: float, cap: float, upper: float, refine: int = 4):
+    """The smallest p_error from p up to `upper` whose circuit's complexity_at(p) is at most cap:
+    steps of 1 / SLACK_STEP up to the first one within the cap, then `refine` bisections of log10
+    p_error between it and the step before. A larger p_error lets Concrete pick cheaper crypto
+    parameters (a level or a polynomial size down), for more lookup errors.
+    Returns (that p_error, or None when even `upper` is over the cap; [{"p_error", "complexity", "within_budget"}] in the order compiled)."""
+    walk = []
+
+    def fits(q) -> bool:
+        c = complexity_at(q)
+        walk.append({"p_error": q, "complexity": c, "within_budget": c <= cap})
+        return c <= cap
+
+    over, q = None, p
+    while not fits(q):
+        if q >= upper:
+            return None, walk
+        over, q = q, min(q / SLACK_STEP, upper)
+    if over is not None:
+        lo, hi = over, q
+        for _ in range(refine):
+            mid = math.sqrt(lo * hi)  # halfway in log10 p_error
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        q = hi
+    return q, walk
 
 
 def plot(trace, reference: float, tolerance: float, chosen, path: Path) -> None:
@@ -208,6 +246,15 @@ def main(argv=None) -> dict:
     def compiled(p):
         return compile_model(model, calib, compile_options(cfg, p_error=p))
 
+    @functools.lru_cache(maxsize=None)  # the cost walks keep numbers, not circuits
+    def complexity(p) -> float:
+        qm = compiled(p) if p == cfg.upper else compile_model(model, calib, compile_options(cfg, p_error=p))
+        return float(qm.fhe_circuit.statistics["complexity"])
+
+    cap = cfg.max_complexity or math.inf
+    if complexity(cfg.upper) > cap:
+        raise UserError(f"--max-complexity {cap:.4g}: even --upper {cfg.upper:g} compiles to {complexity(cfg.upper):.4g}: raise the cap, "
+                        "or give the model fewer or narrower lookups")
     reference = simulate_top1(compiled(cfg.upper), feats, labels, fhe="disable")
     print(f"clear quantized model (fhe=disable) top-1 on {len(labels)} training images: {reference:.4f}")
     if earlier and abs(reference - earlier["reference_top1"]) > 1e-9:
@@ -257,17 +304,32 @@ def main(argv=None) -> dict:
         if chosen is None:
             raise UserError(f"no p_error that passed the bisection holds --tolerance {cfg.tolerance} over {cfg.n_validation} validation "
                             f"simulations (mean drops {[round(v['mean_drop'], 4) for v in validations]}): raise --tolerance")
-        slack = None
-        if cfg.cost_slack:
-            lowest, walk = lower_within_cost(lambda p: float(compiled(p).fhe_circuit.statistics["complexity"]), chosen, cfg.cost_slack, cfg.lower)
+        def validation_at(p) -> dict:
+            drops = drops_at(p)
+            return {"p_error": p, "runs": len(drops), "mean_drop": float(np.mean(drops)) if drops else None,
+                    "max_drop": float(np.max(drops)) if drops else None}
+
+        def show(walk, over: str) -> None:
             for w in walk:
-                print(f"p_error {w['p_error']:10.4g}  complexity {w['complexity']:.4g}" + ("" if w["within_budget"] else f": over {1 + cfg.cost_slack:g} times {chosen:.4g}'s"))
+                print(f"p_error {w['p_error']:10.4g}  complexity {w['complexity']:.4g}" + ("" if w["within_budget"] else f": over {over}"))
+
+        slack = capped = None
+        if complexity(chosen) > cap:
+            raised, walk = raise_within_cost(complexity, chosen, cap, cfg.upper)
+            show(walk, f"--max-complexity {cap:.4g}")
+            capped = {"max_complexity": cap, "searched_p_error": chosen, "walk": walk, "p_error": raised, "validation": validation_at(raised)}
+            mean = capped["validation"]["mean_drop"]
+            if mean is not None and not within(mean, cfg.tolerance):
+                print(f"p_error {raised:.4g} loses more than --tolerance {cfg.tolerance}: kept for --max-complexity")
+            chosen = raised
+            validations.append(capped["validation"])
+        elif cfg.cost_slack:
+            lowest, walk = lower_within_cost(complexity, chosen, cfg.cost_slack, cfg.lower, cap)
+            show(walk, f"{1 + cfg.cost_slack:g} times {chosen:.4g}'s" + (f" or --max-complexity {cap:.4g}" if cfg.max_complexity else ""))
             slack = {"cost_slack": cfg.cost_slack, "searched_p_error": chosen, "walk": walk, "lowest": lowest, "kept": False}
             if lowest != chosen:
-                drops = drops_at(lowest)
-                slack["validation"] = {"p_error": lowest, "runs": len(drops), "mean_drop": float(np.mean(drops)) if drops else None,
-                                       "max_drop": float(np.max(drops)) if drops else None}
-                if not drops or within(np.mean(drops), cfg.tolerance):
+                slack["validation"] = validation_at(lowest)
+                if not slack["validation"]["runs"] or within(slack["validation"]["mean_drop"], cfg.tolerance):
                     chosen, slack["kept"] = lowest, True
                     validations.append(slack["validation"])
                 else:  # fewer errors lose no more but by chance: the searched value stays
@@ -279,8 +341,9 @@ def main(argv=None) -> dict:
         "reference_top1": reference,
         "trace": [{"p_error": p, "top1": a, "within_tolerance": bool(ok)} for p, a, ok in trace],
         "validation": validation,  # at the chosen value
-        "validations": validations,  # every value validated, largest first
+        "validations": validations,  # every value validated, in that order (the last: the chosen one)
         **({"cost_slack": slack} if slack else {}),
+        **({"max_complexity": capped} if capped else {}),
         **({"trace_from": trace_origin(earlier, cfg.from_search)} if earlier else {}),
         "model_config": ckpt["model_config"],
         **provenance(cfg),

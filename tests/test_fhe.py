@@ -18,7 +18,7 @@ from cli import UserError
 from conftest import SHARED, TINY_G2, needs_dataset
 from fhe import CompileOptions, clear_features, compile_checkpoint, evaluate, quantized_logits
 from models import TINY, conv_out
-from p_error_search import SLACK_STEP, bisect_log, lower_within_cost, validate_down
+from p_error_search import SLACK_STEP, bisect_log, lower_within_cost, raise_within_cost, validate_down
 from provenance import hardware
 
 # A very small p_error (over the ~450 PBS of the tiny circuit an error is ~1e-6 likely) and
@@ -191,6 +191,29 @@ def test_cost_slack_walks_down_while_the_cost_holds():
     assert 0.05 <= best < 0.05 / SLACK_STEP and all(w["within_budget"] for w in walk)
 
 
+def test_max_complexity_raises_p_error_to_the_smallest_value_within_the_cap():
+    """Level 2 below 0.05, level 1 above, a smaller polynomial above 0.2 (as Concrete picked for
+    fast10g_h256): the cap walks up from the value found in steps, then bisects the last step, and
+    bounds the cost-slack walk down too."""
+    def complexity(p):
+        return 1.6 if p < 0.05 else 1.0 if p < 0.2 else 0.8
+
+    p, walk = raise_within_cost(complexity, 0.01, 1.0, 0.5)
+    assert 0.05 <= p < 0.05 * (1 / SLACK_STEP) ** (1 / 16) and complexity(p) <= 1.0  # within a 16th of a step of the boundary
+    assert walk[0] == {"p_error": 0.01, "complexity": 1.6, "within_budget": False} and len(walk) == 1 + 6 + 4  # the value found, 6 steps up, 4 bisections
+    stepped = [w["p_error"] for w in walk[: next(i for i, w in enumerate(walk) if w["within_budget"]) + 1]]
+    assert all(b / a == pytest.approx(1 / SLACK_STEP) for a, b in zip(stepped, stepped[1:]))
+    assert 0.2 <= raise_within_cost(complexity, 0.01, 0.9, 0.5)[0] < 0.21
+    assert raise_within_cost(complexity, 0.1, 1.0, 0.5) == (0.1, [{"p_error": 0.1, "complexity": 1.0, "within_budget": True}])
+    assert raise_within_cost(complexity, 0.01, 0.5, 0.5)[0] is None  # even --upper costs more
+    assert raise_within_cost(complexity, 0.01, 0.8, 0.3)[0] is not None and raise_within_cost(complexity, 0.01, 0.8, 0.19)[0] is None
+    # 1 % more below 0.09: within the slack walk's own 10 %, not within a cap of 0.5 % more
+    def flatter(p):
+        return complexity(p) * (1.01 if p < 0.09 else 1)
+
+    assert lower_within_cost(flatter, 0.1, 0.1, 1e-6)[0] < 0.09 and lower_within_cost(flatter, 0.1, 0.1, 1e-6, cap=1.005)[0] == 0.1
+
+
 def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch):
     """--from-search takes the earlier bisection's accuracies, judges them against this
     --tolerance and validates from the largest passing value down; a search of other images or
@@ -220,6 +243,20 @@ def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_
     assert 1e-5 <= slack["p_error"] < 1e-4 and slack["cost_slack"]["searched_p_error"] == 1e-4 and slack["cost_slack"]["kept"]
     assert slack["validations"][-1]["p_error"] == slack["p_error"] and slack["validation"]["runs"] == 2
     assert [w["p_error"] for w in slack["cost_slack"]["walk"] if w["within_budget"]][-1] == slack["p_error"]
+    # --max-complexity: 1e-4's circuit costs more than the cap (the tiny circuit: 2.8e10 at 1e-4, 2.3e10 at 0.01, 2.1e10
+    # at 0.05), so p_error rises to the smallest value within it, which is validated and kept whatever it loses
+    capped = p_error_search.main(again + ["--tolerance", "0.5", "--max-complexity", "2.2e10", "--json", str(tmp_path / "capped.json")])
+    walk = capped["max_complexity"]["walk"]
+    assert capped["max_complexity"]["searched_p_error"] == 1e-4 and walk[0]["p_error"] == 1e-4 and not walk[0]["within_budget"]
+    assert 0.01 < capped["p_error"] <= 0.05 and capped["max_complexity"]["p_error"] == capped["p_error"]
+    assert min(w["p_error"] for w in walk if w["within_budget"]) == capped["p_error"]
+    assert max(w["p_error"] for w in walk if not w["within_budget"]) < capped["p_error"]
+    assert capped["validations"][-1]["p_error"] == capped["p_error"] and capped["validation"]["runs"] == 2
+    with monkeypatch.context() as m:  # a cap that even --upper misses is refused before any simulation, nothing written
+        m.setattr(p_error_search, "simulate_top1", lambda *a, **k: pytest.fail("simulated before the cap was checked"))
+        with pytest.raises(UserError, match="even --upper"):
+            p_error_search.main(again + ["--max-complexity", "1e10", "--json", str(tmp_path / "over.json")])
+    assert not (tmp_path / "over.json").exists()
 
     def compile_model(*a, **k):
         raise AssertionError("compiled before the earlier search was checked")
