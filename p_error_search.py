@@ -282,9 +282,8 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         if earlier:  # its accuracies, judged against this --tolerance
             trace = [(p, a, within(reference - a, cfg.tolerance)) for p, a in earlier["trace"]]
-            passing = [p for p, _, ok in trace if ok]
-            print(f"bisection of {cfg.from_search}: {len(trace)} values, largest passing p_error "
-                  + (f"{max(passing):.4g}" if passing else "none"))
+            largest = max((p for p, _, ok in trace if ok), default=None)
+            print(f"bisection of {cfg.from_search}: {len(trace)} values, largest passing p_error " + (f"{largest:.4g}" if largest else "none"))
         else:
             bar = tqdm(total=cfg.max_iter + 2, desc="p_error search", leave=False)
             chosen, trace = bisect_log(accuracy_at, reference, cfg.tolerance, cfg.lower, cfg.upper, cfg.max_iter)
@@ -292,6 +291,7 @@ def main(argv=None) -> dict:
             if chosen is None:
                 raise UserError(f"even p_error={cfg.lower:g} loses more than {cfg.tolerance} top-1: lower --lower or raise --tolerance")
             print(f"bisection: largest passing p_error {chosen:.4g} ({time.perf_counter() - t0:.0f} s)")
+            largest = chosen
 
         def drops_at(p):
             drops = [reference - a for a in top1s(p, cfg.n_validation, f"validation at {p:.3g}")] if cfg.n_validation else []
@@ -300,10 +300,14 @@ def main(argv=None) -> dict:
                       + ("" if within(np.mean(drops), cfg.tolerance) else f": more than --tolerance {cfg.tolerance}"))
             return drops
 
-        chosen, validations = validate_down(drops_at, trace, cfg.tolerance)
+        if largest is not None and complexity(largest) > cap:  # raised to the cap whatever it loses: validated there, not here
+            chosen, validations = largest, []
+        else:
+            chosen, validations = validate_down(drops_at, trace, cfg.tolerance)
         if chosen is None:
             raise UserError(f"no p_error that passed the bisection holds --tolerance {cfg.tolerance} over {cfg.n_validation} validation "
                             f"simulations (mean drops {[round(v['mean_drop'], 4) for v in validations]}): raise --tolerance")
+
         def validation_at(p) -> dict:
             drops = drops_at(p)
             return {"p_error": p, "runs": len(drops), "mean_drop": float(np.mean(drops)) if drops else None,
