@@ -180,7 +180,8 @@ def _cache_path():
 def _machine() -> list:
     from provenance import hardware, versions
 
-    return [hardware()["cpu"], os.cpu_count(), os.environ.get("OMP_NUM_THREADS"), versions().get("concrete-python")]
+    hw = hardware()
+    return [hw["cpu"], hw["cpu_model"], hw["cpu_features"], os.cpu_count(), os.environ.get("OMP_NUM_THREADS"), versions().get("concrete-python")]
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ from checkpoints import INITIAL_DEPLOYMENT, load_checkpoint, save_checkpoint
 from cli import UserError, check_output_file, opt, parse_config, run_main
 from fhe import ROUNDING_BITS
 from models import BIT_WIDTH_FIELDS, CONFIGS, TEACHERS, SplitNet, TeacherNet, same_layers
-from provenance import STARTED_FROM, atomic_write, command_line, hardware, versions
+from provenance import STARTED_FROM, atomic_write, command_line, describe_cpu, hardware, versions
 from pruning import accumulator_bits, apply_pruning, load_pruned_state, pruned_state
 from rounding import round_accumulators
 
@@ -119,7 +119,7 @@ def open_log(cfg: TrainConfig):
     path = log_path(cfg.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a" if cfg.resume else "w")
-    f.write(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}: {command_line()} | {hw['cpu']}, {hw['cores']} cores, "
+    f.write(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}: {command_line()} | {describe_cpu(hw)}, {hw['cores']} cores, "
             f"torch threads {cfg.threads or torch.get_num_threads()} | code {commit}\n")
     return f
 

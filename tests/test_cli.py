@@ -172,6 +172,24 @@ def test_result_files_name_the_commit_and_whether_the_code_was_modified(tmp_path
     assert code_version(tmp_path) == {"commit": head, "modified": True}
 
 
+def test_result_files_tell_apart_two_cpus_of_one_name(tmp_path):
+    """Two machines both called "AMD EPYC" here differed by AVX-512 and by a fifth in FHE time: the
+    hardware block names the CPU's family, model and the instruction sets that matter, from the
+    first processor's entry."""
+    from provenance import describe_cpu, hardware
+
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {m}\nmodel name\t: AMD EPYC\nflags\t\t: fpu {f}\n"
+    (tmp_path / "zen3").write_text(block.format(n=0, m=1, f="avx2 sha_ni") + "\n" + block.format(n=1, m=1, f="avx2 sha_ni"))
+    (tmp_path / "zen4").write_text(block.format(n=0, m=17, f="avx2 avx512f avx512_bf16"))
+    zen3, zen4 = hardware(str(tmp_path / "zen3")), hardware(str(tmp_path / "zen4"))
+    assert zen3["cpu"] == zen4["cpu"] == "AMD EPYC" and zen3 != zen4
+    assert (zen3["cpu_model"], zen3["cpu_features"]) == ("family 25 model 1", ["avx2"])
+    assert (zen4["cpu_model"], zen4["cpu_features"]) == ("family 25 model 17", ["avx2", "avx512f", "avx512_bf16"])
+    assert describe_cpu(zen4) == "AMD EPYC (family 25 model 17; avx2, avx512f, avx512_bf16)"
+    missing = hardware(str(tmp_path / "none"))
+    assert missing["cpu_model"] is None and missing["cpu_features"] is None and describe_cpu(missing) == missing["cpu"]
+
+
 def test_every_step_of_the_training_queue_can_run_to_its_benchmark():
     """`make training` runs for hours before its last command: each student's layout must exist,
     its benchmark row must be known, and a student started from another's weights must come after it."""
