@@ -111,7 +111,8 @@ COST_SLACK_fast10g_h256_2x80 := 0.1
 # image where the shipped fast10g_2x80_kdw took 10.8 s, one AMD EPYC, 6 December); the cap is
 # fast10g_2x80_kdw's complexity at its deployed p_error (6.05e10), so that step 11 is deployed at
 # the fast end's cost and judged by its top-1 there (fast10g_h256 at that cap: p_error 0.211,
-# polynomial size 1024, results/fast10g_h256_kdw/).
+# polynomial size 1024, 11.7 s against fast10g_2x80_kdw's 10.8 on that machine: the complexity
+# ranks parameter sets only roughly; results/fast10g_h256_kdw/).
 MAX_COMPLEXITY_fast10g_h256_2x80 := 6.06e10
 resume = $(if $(wildcard $(TRAINING)/$(1).state.pt),--resume)
 
