@@ -481,6 +481,7 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     (row,) = benchmark.main(args)
     assert len(row["sim_top1_draws"]) == 2 and row["sim_top1"] == pytest.approx(np.mean(row["sim_top1_draws"]))
     assert row["fhe_s_median"] > 0 and row["cores"] >= 1 and row["n_images"] == 20
+    assert row["complexity"] > 0  # the number p_error_search.py --max-complexity caps
     linear = row["estimate_multiply_adds"]  # the tiny model's encrypted conv and linear layers
     assert linear["multiply_adds"] == row["multiply_add_count"] > 0 and linear["seconds"] > 0
     inputs = row["estimate_inputs"]  # Concrete ML compresses the inputs: the server expands each
