@@ -109,7 +109,8 @@ COST_SLACK_fast10g_h256_2x80 := 0.1
 # A cap on Concrete's complexity (p_error_search.py --max-complexity): the p_error found is raised
 # until the circuit costs no more than this. fast10g_h256's search stayed at level 2 (16.0 s per
 # image where the shipped fast10g_2x80_kdw took 10.8 s, one AMD EPYC, 6 December); the cap is
-# fast10g_2x80_kdw's complexity at its deployed p_error (6.05e10), so that step 11 is deployed at
+# fast10g_2x80_kdw's complexity at its deployed p_error (6.05e10, the walk in
+# results/fast10g_2x80_kdw/p_error_search_cost_slack_0.1.json), so that step 11 is deployed at
 # the fast end's cost and judged by its top-1 there (fast10g_h256 at that cap: p_error 0.211,
 # polynomial size 1024, 11.7 s against fast10g_2x80_kdw's 10.8 on that machine: the complexity
 # ranks parameter sets only roughly; results/fast10g_h256_kdw/).

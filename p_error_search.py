@@ -22,7 +22,7 @@ then walks down from the value found while Concrete's complexity stays within 10
 (its crypto parameters often stay the same over a decade of p_error, the errors do not), and
 keeps the lowest such value if it holds its validation too.
 
-    python p_error_search.py --checkpoint checkpoints/fast10g_h256.pt --max-complexity 6.06e10
+    python p_error_search.py --checkpoint checkpoints/in_training/fast10g_h256_kdw.pt --max-complexity 6.06e10
 
 caps the cost instead: when the value found makes a circuit whose Concrete complexity is over the
 cap (FHE time grows with it: `complexity` in a cost report or a benchmark JSON), raises p_error
@@ -139,6 +139,12 @@ def earlier_search(cfg, ckpt) -> dict:
     return old
 
 
+def summarize_validation(p: float, drops) -> dict:
+    """What a validation at p_error p found: {"p_error", "runs", "mean_drop", "max_drop"} (None without runs)."""
+    return {"p_error": p, "runs": len(drops), "mean_drop": float(np.mean(drops)) if len(drops) else None,
+            "max_drop": float(np.max(drops)) if len(drops) else None}
+
+
 def validate_down(drops_at, trace, tolerance: float):
     """Validate the bisection's passing values, largest first, until one's mean drop is within tolerance.
 
@@ -146,10 +152,8 @@ def validate_down(drops_at, trace, tolerance: float):
     Returns (p or None when none holds, [{"p_error", "runs", "mean_drop", "max_drop"} per value tried])."""
     tried = []
     for p in sorted({p for p, _, ok in trace if ok}, reverse=True):
-        drops = drops_at(p)
-        mean = float(np.mean(drops)) if len(drops) else None
-        tried.append({"p_error": p, "runs": len(drops), "mean_drop": mean, "max_drop": float(np.max(drops)) if len(drops) else None})
-        if mean is None or within(mean, tolerance):
+        tried.append(summarize_validation(p, drops_at(p)))
+        if tried[-1]["mean_drop"] is None or within(tried[-1]["mean_drop"], tolerance):
             return p, tried
     return None, tried
 
@@ -308,11 +312,6 @@ def main(argv=None) -> dict:
             raise UserError(f"no p_error that passed the bisection holds --tolerance {cfg.tolerance} over {cfg.n_validation} validation "
                             f"simulations (mean drops {[round(v['mean_drop'], 4) for v in validations]}): raise --tolerance")
 
-        def validation_at(p) -> dict:
-            drops = drops_at(p)
-            return {"p_error": p, "runs": len(drops), "mean_drop": float(np.mean(drops)) if drops else None,
-                    "max_drop": float(np.max(drops)) if drops else None}
-
         def show(walk, over: str) -> None:
             for w in walk:
                 print(f"p_error {w['p_error']:10.4g}  complexity {w['complexity']:.4g}" + ("" if w["within_budget"] else f": over {over}"))
@@ -321,7 +320,7 @@ def main(argv=None) -> dict:
         if complexity(chosen) > cap:
             raised, walk = raise_within_cost(complexity, chosen, cap, cfg.upper)
             show(walk, f"--max-complexity {cap:.4g}")
-            capped = {"max_complexity": cap, "searched_p_error": chosen, "walk": walk, "p_error": raised, "validation": validation_at(raised)}
+            capped = {"max_complexity": cap, "searched_p_error": chosen, "walk": walk, "p_error": raised, "validation": summarize_validation(raised, drops_at(raised))}
             mean = capped["validation"]["mean_drop"]
             if mean is not None and not within(mean, cfg.tolerance):
                 print(f"p_error {raised:.4g} loses more than --tolerance {cfg.tolerance}: kept for --max-complexity")
@@ -332,7 +331,7 @@ def main(argv=None) -> dict:
             show(walk, f"{1 + cfg.cost_slack:g} times {chosen:.4g}'s" + (f" or --max-complexity {cap:.4g}" if cfg.max_complexity else ""))
             slack = {"cost_slack": cfg.cost_slack, "searched_p_error": chosen, "walk": walk, "lowest": lowest, "kept": False}
             if lowest != chosen:
-                slack["validation"] = validation_at(lowest)
+                slack["validation"] = summarize_validation(lowest, drops_at(lowest))
                 if not slack["validation"]["runs"] or within(slack["validation"]["mean_drop"], cfg.tolerance):
                     chosen, slack["kept"] = lowest, True
                     validations.append(slack["validation"])
