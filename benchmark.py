@@ -34,7 +34,7 @@ import numpy as np
 
 from cli import UserError, check_output_file, opt, parse_config, run_main
 from frontier import PUBLISHED, show
-from pbs_cost import compressed_inputs, estimate_fhe_seconds
+from pbs_cost import estimate_fhe_seconds, input_ciphertexts
 from provenance import hardware, provenance, write_json
 
 # The rows: <checkpoint-dir>/<model>.pt (model: the row's name unless given), compiled with
@@ -128,7 +128,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         resolve_settings(o, {"deployment": INITIAL_DEPLOYMENT})
         model, qm, report = untrained_compiled(CONFIGS[model_name], o)
         top1 = {"torch_top1": None, "sim_top1": None, "sim_top1_sd": None, "sim_top1_draws": [], "epochs_trained": 0}
-    estimate, parts, linear, inputs = estimate_fhe_seconds(qm.fhe_circuit.statistics, compressed_inputs(qm.fhe_circuit), cache=False)
+    estimate, parts, linear, inputs = estimate_fhe_seconds(qm.fhe_circuit.statistics, *input_ciphertexts(qm.fhe_circuit), cache=False)
     row = {
         "config": name,
         "settings": {**settings, **{k: getattr(o, k) for k in ("p_error", "global_p_error", "rounding_bits", "rounding_method")}},

@@ -36,7 +36,7 @@ from deployment import STAGES, deploy_local
 from fhe import compile_checkpoint, print_report, resolve_settings
 from metrics import paired_difference, proportion_ci
 from parallel import ParallelOptions, fhe_servers
-from pbs_cost import compressed_inputs, estimate_fhe_seconds, runtime_threads
+from pbs_cost import estimate_fhe_seconds, input_ciphertexts, runtime_threads
 from provenance import provenance, write_json
 
 COLUMNS = ["index", "label", "torch_pred", "sim_pred", "sim2_pred", "fhe_pred", *[f"{s}_s" for s in STAGES], "input_bytes",
@@ -137,7 +137,7 @@ def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
     with fewer threads takes proportionally longer (core-seconds kept: a rough scaling, since
     one thread uses a core a little better than two). An existing --scheduler counts as one
     server: its size is not known before it is joined."""
-    per_image, parts, linear, inputs = estimate_fhe_seconds(qm.fhe_circuit.statistics, compressed_inputs(qm.fhe_circuit))
+    per_image, parts, linear, inputs = estimate_fhe_seconds(qm.fhe_circuit.statistics, *input_ciphertexts(qm.fhe_circuit))
     if per_image is None:
         print("estimated FHE time: not available for these crypto parameters (see benchmark.py)")
         return {"per_image_s": None}
@@ -153,7 +153,7 @@ def check_estimate(qm, report: dict, n_todo: int, cfg: FHEConfig) -> dict:
     per_server = per_image * threads / server_threads
     total = per_server * n_todo / servers
     print(f"estimated FHE time: {per_image:.1f} s per image with {threads} thread(s) on this machine "
-          f"({report['pbs_count']:,} PBS, {linear['multiply_adds']:,} multiply-adds, {inputs['compressed_inputs']:,} compressed inputs); "
+          f"({report['pbs_count']:,} PBS, {linear['multiply_adds']:,} multiply-adds, {inputs['encrypted_inputs']:,} {'compressed' if inputs['compressed'] else 'plain'} input ciphertexts); "
           f"{total / 3600:.2f} h for {n_todo} images on {servers} server(s) of {server_threads} thread(s)", flush=True)
     if total > CONFIRM_ABOVE_S and not cfg.yes and n_todo:
         raise UserError(f"this run is estimated at {total / 3600:.1f} h: pass --yes to run it (or fewer --n-images)")

@@ -49,11 +49,16 @@ def fmt_time(row) -> str:
     return "n/a"
 
 
-def fmt_term(key: str):
-    """A column of one term of the estimate: its seconds (rows from before it existed: n/a)."""
+def fmt_term(key: str, field: str = "seconds"):
+    """A column of one term of the estimate: its seconds (rows from before it existed: n/a).
+    Rows from before the input reading was measured have the expansion alone as their input
+    term's "seconds" (and no "encrypted_inputs"): their reading is n/a, their expansion that."""
 
     def fmt(row) -> str:
-        s_ = (row.get(key) or {}).get("seconds")
+        term = row.get(key) or {}
+        if key == "estimate_inputs" and "encrypted_inputs" not in term:
+            term = {"expand_seconds": term.get("seconds")}
+        s_ = term.get(field)
         return f"{s_:.1f}" if s_ is not None else "n/a"
 
     return fmt
@@ -79,7 +84,8 @@ def print_table(rows: list[dict]) -> None:
         ("core-seconds / image", lambda r: f"{seconds(r) * r['cores']:,.0f}" if seconds(r) and r.get("cores") else "n/a"),
         ("estimate s / image", lambda r: f"{r['fhe_s_estimate']:.1f}" if r.get("fhe_s_estimate") is not None else "n/a"),
         ("  of which multiply-adds", fmt_term("estimate_multiply_adds")),
-        ("  of which input decompression", fmt_term("estimate_inputs")),
+        ("  of which reading the inputs", fmt_term("estimate_inputs", "read_seconds")),
+        ("  of which expanding the inputs", fmt_term("estimate_inputs", "expand_seconds")),
     ]
     width = max(len(l) for l, _ in lines)
     print(f"{'':<{width}}  " + "  ".join(f"{r['config']:>24}" for r in rows))

@@ -1,17 +1,21 @@
-"""The cost of one programmable bootstrap (PBS), of one ciphertext multiply-add and of
-expanding one compressed input ciphertext at given crypto parameters, measured on this machine,
-and the FHE time of a circuit estimated from them: sum(PBS count x per-PBS seconds) +
-multiply-adds x seconds per multiply-add + compressed inputs x seconds per input (Concrete ML
-compresses inputs by default: the client sends each ciphertext's mask as a seed, and the server
-expands it when it runs: 1.6 of the 8.1 s per image of fast10g_e80_kdw, RESULTS.md).
+"""The cost of one programmable bootstrap (PBS), of one ciphertext multiply-add, of reading
+one input ciphertext and of expanding one compressed input ciphertext at given crypto
+parameters, measured on this machine, and the FHE time of a circuit estimated from them:
+sum(PBS count x per-PBS seconds) + multiply-adds x seconds per multiply-add + input ciphertexts
+x seconds to read one (+ seconds to expand one, where inputs are compressed). Concrete's runtime
+copies each input ciphertext on its way in (a profile of a run with plain inputs spends half its
+time in Cap'n Proto copies), and Concrete ML compresses inputs by default: the client sends each
+ciphertext's mask as a seed, and the server expands it when it runs. The two input terms are a
+third of a small model's time with 16,384 inputs (RESULTS.md).
 
 Each cost is measured on a synthetic circuit that Concrete compiles to the same (polynomial
 size, GLWE dimension, level), or the closest comparable one scaled by a PBS cost model (see
-per_pbs_seconds; none comparable: no estimate): table lookups alone for the PBS, the same
-lookups behind an encrypted-by-clear matrix product for the multiply-add (the difference of
-the two), and a sum of many inputs compressed and plain for the inputs' expansion (the
-difference again). benchmark.py validates the estimate against measured FHE times;
-fhe_inference.py prints it before a real-FHE run.
+per_pbs_seconds; none comparable: no estimate): table lookups alone for the PBS; a sum of many
+plain inputs, and of few, for reading an input (the difference, per input); the many compressed
+for the expansion (the difference again); the lookups behind an encrypted-by-clear matrix product
+over as many inputs as a wide model's encrypted conv reads for the multiply-add (its run less the
+lookups and the reading of its inputs). benchmark.py validates the estimate against measured FHE
+times; fhe_inference.py prints it before a real-FHE run.
 """
 
 from __future__ import annotations
@@ -135,8 +139,13 @@ def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
 
 # Cached costs carry this version. 2 = fastest of TIMED_RUNS runs, measured only on an idle
 # machine (version 1 kept one run, whatever else was running, and overestimated by up to 2x).
-CACHE_VERSION = 4  # 3: with the multiply-add cost; 4: with the input decompression cost
-MULTIPLY_ADD_ROWS = 16  # the multiply-add circuit's product has 16 n rows: 16 n^2 multiply-adds
+CACHE_VERSION = 5  # 3: with the multiply-add cost; 4: with the input decompression cost; 5: with the input reading cost, out of the multiply-add's
+# The multiply-add circuit's product: 16,384 inputs (the encrypted conv of fast10g and the other
+# small models reads as many) into 128 lookups, 2.1M multiply-adds (~1.5 s of a 3.4 s run here;
+# its inputs' reading ~2 s). A multiply-add costs more in a wider product (0.3 to 0.6 us at
+# 16,384 inputs here, lost in the timing noise at 2,048): this errs high for narrower circuits.
+MULTIPLY_ADD_INPUTS = 16384
+MULTIPLY_ADD_OUTPUTS = 128
 BUSY_LOAD = 0.25  # cores in use, per core, above which the machine counts as busy
 BUSY_SAMPLE_S = 1.0
 TIMED_RUNS = 3
@@ -217,7 +226,9 @@ def _measure(target: dict, n: int) -> dict:
     lookups = _fastest_run(circuit, np.arange(n) % 2**bits)
     scale = pbs_cost_model(target) / pbs_cost_model(got)
     out = {"matched": got, "match_tier": tier, "measured_seconds": lookups / n, "seconds": lookups / n * scale, "bits": bits, "p_error": p_error}
-    return {**out, **_multiply_add_seconds(bits, p_error, n, got, lookups, target), **_input_seconds(bits, p_error, target)}
+    inputs = _input_seconds(bits, p_error, target)
+    read = inputs.pop("read_per_number", None)
+    return {**out, **_multiply_add_seconds(bits, p_error, got, lookups / n, read, target), **inputs}
 
 
 def _fastest_run(circuit, x) -> float:
@@ -234,18 +245,24 @@ def _fastest_run(circuit, x) -> float:
     return min(runs)
 
 
-def _multiply_add_seconds(bits: int, p_error: float, n: int, got: dict, lookups_s: float, target: dict) -> dict:
+def _multiply_add_seconds(bits: int, p_error: float, got: dict, lookup_s: float, read_per_number: float | None, target: dict) -> dict:
     """Seconds per multiply-add (clear weight x ciphertext, added to an encrypted sum): the
-    lookup circuit behind a product with MULTIPLY_ADD_ROWS x n inputs, less the lookups alone,
-    per multiply-add; scaled to the target by the ciphertexts' size (k x N + 1 numbers)."""
-    m = MULTIPLY_ADD_ROWS * n
+    lookup circuit (MULTIPLY_ADD_OUTPUTS lookups of lookup_s each) behind a product over
+    MULTIPLY_ADD_INPUTS inputs, less the lookups and the reading of those inputs
+    (read_per_number seconds per number of a ciphertext; None: not measured, and neither is
+    this), per multiply-add; scaled to the target by the ciphertexts' size (k x N + 1 numbers).
+    Most of a product's run is the reading of its inputs: with them counted as multiply-adds,
+    a product over 2,048 inputs put one at 1.1 us here where it costs 0.1 to 0.7 (RESULTS.md)."""
+    if read_per_number is None:
+        return {"multiply_add_seconds": None, "multiply_add_note": "the cost of reading an input was not measured, so neither is a multiply-add's"}
+    n, m = MULTIPLY_ADD_OUTPUTS, MULTIPLY_ADD_INPUTS
     circuit = synthetic_circuit(bits, p_error, n, m)
     (param,) = circuit.statistics["programmable_bootstrap_count_per_parameter"]
     if param_dict(param) != got:
         return {"multiply_add_seconds": None, "multiply_add_note": "the product changed the crypto parameters: not measured"}
     x = np.eye(1, m, dtype=np.int64)[0] * (2**bits - 1)
-    extra = _fastest_run(circuit, x) - lookups_s
-    if extra <= 0:  # the timing noise of the lookups hid the product: no figure, rather than 0
+    extra = _fastest_run(circuit, x) - n * lookup_s - m * read_per_number * _ciphertext_size(got)
+    if extra <= 0:  # the timing noise hid the product: no figure, rather than 0
         return {"multiply_add_seconds": None, "multiply_add_note": f"the product added no measurable time ({extra:+.3f} s): not measured"}
     measured = extra / (m * n)
     return {"multiply_add_measured_seconds": measured, "multiply_add_seconds": measured * _ciphertext_size(target) / _ciphertext_size(got)}
@@ -256,12 +273,14 @@ def _ciphertext_size(p: dict) -> int:
     return p["glwe_dimension"] * p["polynomial_size"] + 1
 
 
-INPUT_ROWS = 4096  # inputs of the circuit that measures their expansion: ~0.4 s of its run here
+INPUT_ROWS = 4096  # inputs of the circuits that measure their reading and expansion: ~0.5 s and ~0.4 s of their runs here
+INPUT_ROWS_FEW = 256  # the plain circuit's few inputs: what its run costs besides reading them
 
 
 def inputs_circuit(bits: int, p_error: float, m: int, compress: bool):
     """One table lookup on the sum of m encrypted inputs: a circuit whose run is mostly the
-    expansion of its inputs when they arrive compressed (the inputset keeps the sum at `bits`)."""
+    reading of its inputs, and their expansion when they arrive compressed (the inputset keeps
+    the sum at `bits`)."""
     from concrete import fhe
 
     table = _table(bits)
@@ -269,30 +288,37 @@ def inputs_circuit(bits: int, p_error: float, m: int, compress: bool):
     return compiler.compile(_one_hot_inputset(m, bits), fhe.Configuration(p_error=p_error, compress_input_ciphertexts=compress))
 
 
-def _input_seconds(bits: int, p_error: float, target: dict, m: int = INPUT_ROWS) -> dict:
-    """Seconds to expand one compressed input ciphertext: inputs_circuit with compressed inputs,
-    whose server draws each ciphertext's mask from its seed when it runs, less the same circuit
-    on plain inputs, per input; scaled to the target by the ciphertexts' size (one
-    pseudo-random number per number of the mask; the circuit's own size read from its plain
-    inputs' bytes, 8 per number)."""
+def _input_seconds(bits: int, p_error: float, target: dict, m: int = INPUT_ROWS, few: int = INPUT_ROWS_FEW) -> dict:
+    """Seconds to read one input ciphertext (inputs_circuit on m plain inputs less the same on
+    `few`, per input more) and to expand one compressed from its seed (m compressed less m
+    plain, per input); each scaled to the target by the ciphertexts' size (the circuit's own size
+    read from its plain inputs' bytes, 8 per number). "read_per_number" is the reading's cost per
+    number of a ciphertext, for the multiply-add measurement. A difference lost in the timing
+    noise is no figure rather than 0 s."""
     plain = inputs_circuit(bits, p_error, m, compress=False)
     key_bytes = _key_bytes(plain)
     if key_bytes > KEY_LIMIT_BYTES:
-        return {"input_seconds": None, "input_note": f"keys {key_bytes / 2**30:.1f} GiB: not measured"}
-    x = np.eye(1, m, dtype=np.int64)[0]
-    extra = _fastest_run(inputs_circuit(bits, p_error, m, compress=True), x) - _fastest_run(plain, x)
-    if extra <= 0:
-        return {"input_seconds": None, "input_note": f"compressed inputs added no measurable time ({extra:+.3f} s): not measured"}
+        note = f"keys {key_bytes / 2**30:.1f} GiB: not measured"
+        return {"input_read_seconds": None, "input_expand_seconds": None, "input_note": note}
     numbers = int(plain.statistics["size_of_inputs"]) / (8 * m)
-    return {"input_seconds": extra / m * _ciphertext_size(target) / numbers}
+    one_hot = lambda k: np.eye(1, k, dtype=np.int64)[0]  # noqa: E731
+    plain_s = _fastest_run(plain, one_hot(m))
+    per_number = {"read": (plain_s - _fastest_run(inputs_circuit(bits, p_error, few, compress=False), one_hot(few))) / (m - few) / numbers,
+                  "expand": (_fastest_run(inputs_circuit(bits, p_error, m, compress=True), one_hot(m)) - plain_s) / m / numbers}
+    out, notes = {"read_per_number": per_number["read"] if per_number["read"] > 0 else None}, []
+    for term, what in (("read", f"{m - few} more plain inputs"), ("expand", "compressed inputs")):
+        each = per_number[term] * _ciphertext_size(target)
+        out[f"input_{term}_seconds"] = each if each > 0 else None
+        if each <= 0:
+            notes.append(f"{what} added no measurable time ({each * m:+.3f} s): not measured")
+    return {**out, **({"input_note": "; ".join(notes)} if notes else {})}
 
 
-def compressed_inputs(circuit) -> int:
-    """How many input ciphertexts the server of this compiled circuit expands from seeds: all
-    its encrypted input values where inputs are compressed, else 0."""
-    if not circuit.configuration.compress_input_ciphertexts:
-        return 0
-    return sum(math.prod(node.output.shape) for node in circuit.graph.ordered_inputs() if node.output.is_encrypted)
+def input_ciphertexts(circuit) -> tuple[int, bool]:
+    """How many input ciphertexts the server of this compiled circuit reads (all its encrypted
+    input values), and whether it expands them from seeds (inputs compressed)."""
+    count = sum(math.prod(node.output.shape) for node in circuit.graph.ordered_inputs() if node.output.is_encrypted)
+    return count, bool(circuit.configuration.compress_input_ciphertexts)
 
 
 def _pbs_weighted(parts: list, key: str) -> float | None:
@@ -304,12 +330,12 @@ def _pbs_weighted(parts: list, key: str) -> float | None:
     return sum(p["pbs"] * e for p, e in zip(parts, each)) / sum(p["pbs"] for p in parts)
 
 
-def estimate_fhe_seconds(statistics: dict, inputs: int, cache: bool = True) -> tuple[float | None, list, dict, dict]:
+def estimate_fhe_seconds(statistics: dict, inputs: int, compressed: bool, cache: bool = True) -> tuple[float | None, list, dict, dict]:
     """Seconds per image from a circuit's statistics (None when a parameter set has no
     comparable synthetic circuit), the PBS parts, the multiply-add term and the term of its
-    `inputs` compressed input ciphertexts (compressed_inputs(circuit); 0: plain inputs, 0 s).
+    `inputs` input ciphertexts (read, and expanded where `compressed`: input_ciphertexts(circuit)).
     A circuit's multiply-adds run on ciphertexts of its different parameter sets; each part's
-    per-multiply-add cost is weighted by its share of the PBS, and so is its per-input cost."""
+    per-multiply-add cost is weighted by its share of the PBS, and so are its per-input costs."""
     total, parts = 0.0, []
     for param, count in statistics["programmable_bootstrap_count_per_parameter"].items():
         cost = per_pbs_seconds(param_dict(param), cache=cache)
@@ -321,13 +347,14 @@ def estimate_fhe_seconds(statistics: dict, inputs: int, cache: bool = True) -> t
         linear["seconds"] = count * linear["seconds_each"]
         total = None if total is None else total + linear["seconds"]
     elif count:
-        linear["note"] = "the multiply-add cost was not measured: the estimate counts the PBS only"
-    expand = {"compressed_inputs": inputs, "seconds_each": None, "seconds": 0.0 if not inputs else None}
-    each = _pbs_weighted(parts, "input_seconds")
-    if inputs and each is not None:
-        expand["seconds_each"] = each
-        expand["seconds"] = inputs * each
-        total = None if total is None else total + expand["seconds"]
-    elif inputs:
-        expand["note"] = "the cost of expanding compressed inputs was not measured: the estimate leaves it out"
-    return total, parts, linear, expand
+        linear["note"] = "the multiply-add cost was not measured: the estimate leaves it out"
+    read = _pbs_weighted(parts, "input_read_seconds")
+    expand = _pbs_weighted(parts, "input_expand_seconds") if compressed else 0.0
+    term = {"encrypted_inputs": inputs, "compressed": compressed, "read_seconds_each": read, "expand_seconds_each": expand,
+            "read_seconds": None if read is None else inputs * read, "expand_seconds": None if expand is None else inputs * expand}
+    missing = [verb for k, verb in (("read", "reading"), ("expand", "expanding")) if term[f"{k}_seconds"] is None]
+    term["seconds"] = (term["read_seconds"] or 0.0) + (term["expand_seconds"] or 0.0)
+    if inputs and missing:
+        term["note"] = f"the cost of {' and '.join(missing)} the input ciphertexts was not measured: the estimate leaves it out"
+    total = None if total is None else total + term["seconds"]
+    return total, parts, linear, term

@@ -316,51 +316,59 @@ def test_per_pbs_estimator_matches_parameters_and_measures():
     assert 0 < cost["seconds"] < 10
     # one multiply-add costs something, and far less than a PBS (a few k x N additions)
     assert 0 < cost["multiply_add_seconds"] < cost["seconds"] / 20
-    # expanding a compressed input ciphertext from its seed costs something, less than a PBS
-    assert 0 < cost["input_seconds"] < cost["seconds"]
+    # reading an input ciphertext, and expanding a compressed one from its seed, cost something, less than a PBS
+    assert 0 < cost["input_read_seconds"] < cost["seconds"] and 0 < cost["input_expand_seconds"] < cost["seconds"]
 
 
-def test_multiply_add_cost_hidden_by_noise_is_not_a_zero(monkeypatch):
-    """When the product circuit runs no slower than the lookups alone, the multiply-add cost
-    is unknown: the estimate then says it counts the PBS only, instead of adding 0 s."""
+def test_multiply_add_cost_is_the_product_less_its_lookups_and_inputs(monkeypatch):
+    """The product circuit's run less its lookups and the reading of its inputs, per
+    multiply-add; when the timing noise hides the product, or the reading was not measured, the
+    cost is unknown (the estimate then says it leaves it out) instead of 0."""
     import pbs_cost
     from pbs_cost import param_dict, synthetic_circuit
 
+    monkeypatch.setattr(pbs_cost, "MULTIPLY_ADD_INPUTS", 16)
+    monkeypatch.setattr(pbs_cost, "MULTIPLY_ADD_OUTPUTS", 4)
     (param,) = synthetic_circuit(5, 0.05, 4).statistics["programmable_bootstrap_count_per_parameter"]
-    monkeypatch.setattr(pbs_cost, "_fastest_run", lambda circuit, x: 1.0)
-    got = pbs_cost._multiply_add_seconds(5, 0.05, 4, param_dict(param), 1.0, param_dict(param))
-    assert got["multiply_add_seconds"] is None and "not measured" in got["multiply_add_note"]
-    monkeypatch.setattr(pbs_cost, "_fastest_run", lambda circuit, x: 1.64)
-    got = pbs_cost._multiply_add_seconds(5, 0.05, 4, param_dict(param), 1.0, param_dict(param))
-    assert got["multiply_add_seconds"] == pytest.approx(0.64 / (pbs_cost.MULTIPLY_ADD_ROWS * 4 * 4))
+    got, size = param_dict(param), param_dict(param)["glwe_dimension"] * param_dict(param)["polynomial_size"] + 1
+    read = 0.01 / size  # per number of a ciphertext: 0.01 s per input
+    monkeypatch.setattr(pbs_cost, "_fastest_run", lambda circuit, x: 1.0 + 16 * 0.01)  # 4 lookups of 0.25 s, 16 inputs read
+    measured = pbs_cost._multiply_add_seconds(5, 0.05, got, 0.25, read, got)
+    assert measured["multiply_add_seconds"] is None and "not measured" in measured["multiply_add_note"]
+    monkeypatch.setattr(pbs_cost, "_fastest_run", lambda circuit, x: 1.64 + 16 * 0.01)
+    measured = pbs_cost._multiply_add_seconds(5, 0.05, got, 0.25, read, got)
+    assert measured["multiply_add_seconds"] == pytest.approx(0.64 / (16 * 4))
+    measured = pbs_cost._multiply_add_seconds(5, 0.05, got, 0.25, None, got)
+    assert measured["multiply_add_seconds"] is None and "reading an input was not measured" in measured["multiply_add_note"]
 
 
 def test_estimate_adds_the_multiply_adds_and_the_inputs_to_the_lookups(monkeypatch):
     import pbs_cost
-    from pbs_cost import estimate_fhe_seconds, synthetic_circuit
+    from pbs_cost import estimate_fhe_seconds, input_ciphertexts, synthetic_circuit
 
     circuit = synthetic_circuit(5, 0.05, 4, m=8)
     stats = circuit.statistics
     assert stats["clear_multiplication_count"] == 32 and stats["programmable_bootstrap_count"] == 4
-    assert pbs_cost.compressed_inputs(circuit) == 0  # plain inputs: nothing to expand
-    assert pbs_cost.compressed_inputs(pbs_cost.inputs_circuit(5, 0.05, 8, compress=True)) == 8
-    cost = {"seconds": 0.5, "multiply_add_seconds": 0.01, "input_seconds": 0.001}
+    assert input_ciphertexts(circuit) == (8, False)  # 8 plain inputs: read, nothing to expand
+    assert input_ciphertexts(pbs_cost.inputs_circuit(5, 0.05, 8, compress=True)) == (8, True)
+    cost = {"seconds": 0.5, "multiply_add_seconds": 0.01, "input_read_seconds": 0.002, "input_expand_seconds": 0.001}
     monkeypatch.setattr(pbs_cost, "per_pbs_seconds", lambda p, cache: cost)
-    total, parts, linear, inputs = estimate_fhe_seconds(stats, inputs=8)
+    total, parts, linear, inputs = estimate_fhe_seconds(stats, 8, compressed=True)
     assert [p["pbs"] for p in parts] == [4] and linear["multiply_adds"] == 32
-    assert linear["seconds"] == pytest.approx(0.32) and inputs["seconds"] == pytest.approx(0.008)
-    assert total == pytest.approx(4 * 0.5 + 0.32 + 0.008)
-    total, _, _, inputs = estimate_fhe_seconds(stats, inputs=0)
-    assert inputs["seconds"] == 0 and total == pytest.approx(4 * 0.5 + 0.32)
-    monkeypatch.setattr(pbs_cost, "per_pbs_seconds", lambda p, cache: {"seconds": 0.5, "multiply_add_seconds": None, "input_seconds": None})
-    total, _, linear, inputs = estimate_fhe_seconds(stats, inputs=8)
-    assert total == pytest.approx(2.0) and "PBS only" in linear["note"] and "leaves it out" in inputs["note"]
+    assert linear["seconds"] == pytest.approx(0.32) and inputs["seconds"] == pytest.approx(8 * 0.003)
+    assert total == pytest.approx(4 * 0.5 + 0.32 + 8 * 0.003)
+    total, _, _, inputs = estimate_fhe_seconds(stats, 8, compressed=False)  # read, not expanded
+    assert inputs["seconds"] == pytest.approx(8 * 0.002) and total == pytest.approx(4 * 0.5 + 0.32 + 8 * 0.002)
+    monkeypatch.setattr(pbs_cost, "per_pbs_seconds", lambda p, cache: {"seconds": 0.5, "multiply_add_seconds": None, "input_read_seconds": None, "input_expand_seconds": 0.001})
+    total, _, linear, inputs = estimate_fhe_seconds(stats, 8, compressed=True)
+    assert total == pytest.approx(2.0 + 8 * 0.001) and "leaves it out" in linear["note"]
+    assert "reading the input ciphertexts was not measured" in inputs["note"]
 
 
-def test_input_expansion_is_the_compressed_run_less_the_plain_one(monkeypatch):
-    """Measured as the difference of two runs of one circuit, compressed and plain, per input,
-    scaled to the target by the ciphertexts' size; a difference lost in the timing noise is no
-    figure rather than 0 s."""
+def test_input_costs_are_differences_of_runs(monkeypatch):
+    """Reading: the plain circuit on many inputs less the same on few, per input more.
+    Expansion: the many compressed less the many plain, per input. Each scaled to the target by
+    the ciphertexts' size; a difference lost in the timing noise is no figure rather than 0 s."""
     import pbs_cost
     from pbs_cost import inputs_circuit, param_dict
 
@@ -368,18 +376,25 @@ def test_input_expansion_is_the_compressed_run_less_the_plain_one(monkeypatch):
     (param,) = plain.statistics["programmable_bootstrap_count_per_parameter"]
     own = param_dict(param)  # the inputs are ciphertexts of k N + 1 numbers of 8 bytes
     assert plain.statistics["size_of_inputs"] == 8 * 8 * (own["glwe_dimension"] * own["polynomial_size"] + 1)
-    runs = {True: 1.3, False: 1.0}
-    monkeypatch.setattr(pbs_cost, "_fastest_run", lambda circuit, x: runs[circuit.configuration.compress_input_ciphertexts])
-    assert pbs_cost._input_seconds(5, 0.05, own, m=8)["input_seconds"] == pytest.approx(0.3 / 8)
+    runs = {(False, 2): 0.4, (False, 8): 1.0, (True, 8): 1.3}
+    fake = lambda circuit, x: runs[(circuit.configuration.compress_input_ciphertexts, len(x))]  # noqa: E731
+    monkeypatch.setattr(pbs_cost, "_fastest_run", fake)
+    got = pbs_cost._input_seconds(5, 0.05, own, m=8, few=2)
+    assert got["input_read_seconds"] == pytest.approx(0.6 / 6) and got["input_expand_seconds"] == pytest.approx(0.3 / 8)
+    assert got["read_per_number"] == pytest.approx(0.6 / 6 / (own["glwe_dimension"] * own["polynomial_size"] + 1))
     twice = {**own, "glwe_dimension": 2 * own["glwe_dimension"]}
     scale = (2 * own["glwe_dimension"] * own["polynomial_size"] + 1) / (own["glwe_dimension"] * own["polynomial_size"] + 1)
-    assert pbs_cost._input_seconds(5, 0.05, twice, m=8)["input_seconds"] == pytest.approx(0.3 / 8 * scale)
-    runs[True] = 0.99
-    got = pbs_cost._input_seconds(5, 0.05, own, m=8)
-    assert got["input_seconds"] is None and "not measured" in got["input_note"]
+    assert pbs_cost._input_seconds(5, 0.05, twice, m=8, few=2)["input_expand_seconds"] == pytest.approx(0.3 / 8 * scale)
+    runs[(True, 8)] = 0.99
+    got = pbs_cost._input_seconds(5, 0.05, own, m=8, few=2)
+    assert got["input_expand_seconds"] is None and "compressed inputs added no measurable time" in got["input_note"]
+    assert got["input_read_seconds"] == pytest.approx(0.1)
+    runs[(False, 2)] = 1.01
+    got = pbs_cost._input_seconds(5, 0.05, own, m=8, few=2)
+    assert got["input_read_seconds"] is None and got["read_per_number"] is None and "6 more plain inputs" in got["input_note"]
     monkeypatch.setattr(pbs_cost, "KEY_LIMIT_BYTES", 0)  # never a key generation it has not sized
-    got = pbs_cost._input_seconds(5, 0.05, own, m=8)
-    assert got["input_seconds"] is None and "GiB: not measured" in got["input_note"]
+    got = pbs_cost._input_seconds(5, 0.05, own, m=8, few=2)
+    assert got["input_read_seconds"] is None and got["input_expand_seconds"] is None and "GiB: not measured" in got["input_note"]
 
 
 def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
@@ -484,9 +499,11 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     assert row["complexity"] > 0  # the number p_error_search.py --max-complexity caps
     linear = row["estimate_multiply_adds"]  # the tiny model's encrypted conv and linear layers
     assert linear["multiply_adds"] == row["multiply_add_count"] > 0 and linear["seconds"] > 0
-    inputs = row["estimate_inputs"]  # Concrete ML compresses the inputs: the server expands each
+    inputs = row["estimate_inputs"]  # Concrete ML compresses the inputs: the server reads and expands each
     side = conv_out(TINY.image_size, *TINY.clear_conv[1:], TINY.clear_pool)
-    assert inputs["compressed_inputs"] == TINY.clear_conv[0] * side**2 and inputs["seconds"] > 0
+    assert inputs["encrypted_inputs"] == TINY.clear_conv[0] * side**2 and inputs["compressed"]
+    assert inputs["read_seconds"] > 0 and inputs["expand_seconds"] > 0
+    assert inputs["seconds"] == pytest.approx(inputs["read_seconds"] + inputs["expand_seconds"])
     assert row["fhe_s_estimate"] == pytest.approx(sum(p["pbs"] * p["seconds"] for p in row["estimate_parts"]) + linear["seconds"] + inputs["seconds"])
     printed, progress = capfd.readouterr()
     # the config's own process (simulation draws, FHE images) reports its progress as it runs
@@ -522,6 +539,18 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
         ("tiny", 9), ("tiny_again", 7)]
     with pytest.raises(UserError, match="no such file"):
         benchmark.main(["--from-json", str(tmp_path / "none.json")])
+
+
+def test_frontier_input_columns_read_rows_from_before_the_reading_term():
+    """A row whose input term held the expansion alone (before the reading was measured) shows
+    its reading as n/a and that figure as its expansion."""
+    import frontier
+
+    read, expand = frontier.fmt_term("estimate_inputs", "read_seconds"), frontier.fmt_term("estimate_inputs", "expand_seconds")
+    new = {"estimate_inputs": {"encrypted_inputs": 8, "compressed": True, "read_seconds": 1.23, "expand_seconds": 0.44, "seconds": 1.67}}
+    old = {"estimate_inputs": {"compressed_inputs": 8, "seconds_each": 0.1, "seconds": 0.8}}
+    assert (read(new), expand(new)) == ("1.2", "0.4") and (read(old), expand(old)) == ("n/a", "0.8")
+    assert frontier.fmt_term("estimate_multiply_adds")({}) == "n/a"
 
 
 def spread_on_a_frontier_plot(points: list, xlim: tuple):
@@ -585,8 +614,8 @@ def test_run_estimate_scales_to_the_servers_threads(monkeypatch, capsys):
     import fhe_inference
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr(fhe_inference, "estimate_fhe_seconds", lambda stats, inputs: (10.0, [], {"multiply_adds": 0}, {"compressed_inputs": inputs}))
-    monkeypatch.setattr(fhe_inference, "compressed_inputs", lambda circuit: 0)
+    monkeypatch.setattr(fhe_inference, "estimate_fhe_seconds", lambda stats, inputs, compressed: (10.0, [], {"multiply_adds": 0}, {"encrypted_inputs": inputs, "compressed": compressed}))
+    monkeypatch.setattr(fhe_inference, "input_ciphertexts", lambda circuit: (0, False))
     qm = SimpleNamespace(fhe_circuit=SimpleNamespace(statistics={}))
     cfg = lambda **kw: fhe_inference.FHEConfig(yes=True, **kw)  # noqa: E731
     two_workers = fhe_inference.check_estimate(qm, {"pbs_count": 1}, 10, cfg(workers=2, threads_per_worker=1))
