@@ -140,6 +140,15 @@ FAST10G4 = dataclasses.replace(FAST10G, name="fast10g4", clear_conv=(512, 5, 1, 
 # cheapest lookups to add (each reads the 432 conv outputs: 57k multiply-adds more in all, where
 # the conv has 885k): whether more lookups where they cost least move the fast target's candidate.
 FAST10G_H256 = dataclasses.replace(FAST10G, name="fast10g_h256", fcs=[256])
+# fast10g_c128: fast10g behind a clear conv of 128 channels, its encrypted conv in one group: each
+# output still reads 2,048 inputs (128 channels x 4 x 4), so the same 570 lookups and 885k
+# multiply-adds, from half the encrypted inputs (8,192). Reading and expanding an input ciphertext
+# cost ~0.2 ms on the AVX2 AMD EPYC: 3.3 s of fast10g_2x80_kdw's 10.7 (RESULTS.md, "Reading the
+# inputs"). fast10g_c128_h256: the same with fast10g_h256's hidden linear (698 lookups). Screened
+# untrained, both compiled to larger crypto parameters than fast10g (N = 4096 at p_error 0.05)
+# and ran slower, whatever their inputs saved (RESULTS.md, "Fewer encrypted inputs"); not trained.
+FAST10G_C128 = dataclasses.replace(FAST10G, name="fast10g_c128", clear_conv=(128, 5, 1, 2), convs=[(48, 4, 2, 0, 0, 1)])
+FAST10G_C128_H256 = dataclasses.replace(FAST10G_C128, name="fast10g_c128_h256", fcs=[256])
 # fast_a4: fast with a 5-bit split quantizer and 4-bit activations (weights stay 3-bit), for the
 # accurate target: the same 2,314 lookups, still rounded to 6 bits before each; only the
 # accumulators widen. Trained from scratch, unlike fast10w_a4's fine-tune: whether the 3-bit
@@ -173,7 +182,7 @@ def same_layers(a, b) -> bool:
     return dataclasses.replace(a, **ignore) == dataclasses.replace(b, **ignore)
 
 
-CONFIGS = {"reference": REFERENCE, "fast": FAST, "fast10": FAST10, "fast10w": FAST10W, "fast10w_a4": FAST10W_A4, "fast_a4": FAST_A4, "fast10g": FAST10G, "fast10g4": FAST10G4, "fast10g_h256": FAST10G_H256, "accurate": ACCURATE, "accurate60": ACCURATE60, "tiny": TINY}
+CONFIGS = {"reference": REFERENCE, "fast": FAST, "fast10": FAST10, "fast10w": FAST10W, "fast10w_a4": FAST10W_A4, "fast_a4": FAST_A4, "fast10g": FAST10G, "fast10g4": FAST10G4, "fast10g_h256": FAST10G_H256, "fast10g_c128": FAST10G_C128, "fast10g_c128_h256": FAST10G_C128_H256, "accurate": ACCURATE, "accurate60": ACCURATE60, "tiny": TINY}
 
 
 # ---------------------------------------------------------------- the float teacher
