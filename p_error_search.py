@@ -30,6 +30,15 @@ until it fits and keeps that value whatever its validation loses (the loss is re
 cap bounds --cost-slack's walk too. Checked before any simulation: even --upper over the cap is
 an error.
 
+    python p_error_search.py --checkpoint checkpoints/fast10g_2x80_kdw.pt --max-seconds 10
+
+caps the FHE seconds per image instead, as estimated on this machine with this process's threads
+(pbs_cost.py, the estimate fhe_inference.py prints; it measures each new crypto parameter set on
+synthetic circuits first, about a minute each, cached per machine). Concrete's complexity ranks
+parameter sets only roughly (at equal complexity, (1024, 2) ran 8 % slower than (2048, 1) here,
+RESULTS.md) and leaves out the inputs' reading and expansion; the estimate counts both, but holds
+for the machine that made it. --cost-slack then walks within (1 + slack) times the seconds.
+
 Why not Concrete ML's BinarySearch (concrete.ml.search_parameters): it compiles with
 p_error alone, without rounding_threshold_bits, so it would tune a different circuit than
 the rounded one we deploy; it also bisects linearly on (0, 0.9), where p_error values that
@@ -55,6 +64,7 @@ from cli import UserError, check_output_file, opt, parse_config, run_main
 from fhe import calibration_set, clear_features, compile_model, compile_options, quantized_logits, resolve_settings
 from metrics import topk_accuracy
 from parallel import ParallelOptions, simulators
+from pbs_cost import estimate_fhe_seconds, input_ciphertexts
 from provenance import atomic_write, provenance, write_json
 
 
@@ -72,6 +82,7 @@ class SearchConfig(ParallelOptions):
     from_search: str | None = opt(None, "an earlier search's JSON: reuse its bisection (same model, images, calibration and rounding: checked; --upper, --max-iter and --n-sim unused, --lower bounds --cost-slack's walk) and only validate")
     cost_slack: float = opt(0.0, "then lower the value found while Concrete's complexity for the circuit stays within (1 + this) times its own (0.1: 10 %%): fewer lookup errors for that much more cost at most; the lowest is validated and kept if it holds; 0: off")
     max_complexity: float | None = opt(None, "cap on Concrete's complexity for the circuit (`complexity` in a cost report or benchmark JSON; FHE time grows with it): a value found over it is raised to the smallest p_error within it, validated, and kept whatever it loses; also bounds --cost-slack")
+    max_seconds: float | None = opt(None, "cap on the FHE seconds per image estimated on this machine with this process's threads (pbs_cost.py; about a minute to measure each new crypto parameter set): as --max-complexity, in seconds (--cost-slack then in seconds too); not with --max-complexity")
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,8 +92,11 @@ class SearchConfig(ParallelOptions):
             raise UserError("need 0 < --lower < --upper < 1")
         if min(self.n_images, self.max_iter, self.n_sim) < 1 or min(self.n_validation, self.tolerance, self.cost_slack) < 0:
             raise UserError("--n-images, --max-iter and --n-sim must be >= 1, --n-validation, --tolerance and --cost-slack >= 0")
-        if self.max_complexity is not None and not self.max_complexity > 0:
-            raise UserError(f"--max-complexity must be > 0, got {self.max_complexity}")
+        for name in ("max_complexity", "max_seconds"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.max_complexity is not None and self.max_seconds is not None:
+            raise UserError("give --max-complexity or --max-seconds, not both")
         check_output_file(self.json, "--json")
         if self.write:
             check_output_file(self.checkpoint, "--checkpoint")
@@ -158,41 +172,54 @@ def validate_down(drops_at, trace, tolerance: float):
     return None, tried
 
 
+def estimated_seconds(circuit, p: float) -> float:
+    """FHE seconds per image of a compiled circuit, estimated on this machine with this
+    process's threads (pbs_cost.py); inf where there is no estimate (no comparable synthetic
+    circuit), so that a cap never keeps a value it cannot price. Notes (a cost measured while
+    the machine was busy: an overestimate) are printed."""
+    seconds, parts, linear, inputs = estimate_fhe_seconds(circuit.statistics, *input_ciphertexts(circuit))
+    for note in [part.get("note") for part in parts] + [linear.get("note"), inputs.get("note")]:
+        if note:
+            tqdm.write(f"p_error {p:.4g}: {note}")
+    return math.inf if seconds is None else seconds
+
+
 # The walk down from the value found: 8 steps per decade of p_error
 SLACK_STEP = 10 ** (-1 / 8)
 
 
-def lower_within_cost(complexity_at, p: float, slack: float, lower: float, cap: float = math.inf):
+def lower_within_cost(complexity_at, p: float, slack: float, lower: float, cap: float = math.inf, measure: str = "complexity"):
     """The smallest p_error below p, in steps of SLACK_STEP down to `lower`, whose circuit's
     complexity_at(p) is at most (1 + slack) times p's own, and at most cap: Concrete picks crypto parameters for
     the p_error asked, and below a value found its cost often stays flat (the same polynomial size
     and level, a few more LWE dimensions) while the lookup errors fall with it; the walk stops at
     the first step over the budget (a level or polynomial size up).
-    Returns (that p_error, p itself when no step fits; [{"p_error", "complexity", "within_budget"}])."""
+    Returns (that p_error, p itself when no step fits; [{"p_error", measure, "within_budget"}]:
+    measure names what complexity_at returns, Concrete's complexity or estimated seconds)."""
     own = complexity_at(p)
     budget = min((1 + slack) * own, cap)
-    walk, best = [{"p_error": p, "complexity": own, "within_budget": True}], p
+    walk, best = [{"p_error": p, measure: own, "within_budget": True}], p
     q = p * SLACK_STEP
     while q >= lower:
         c = complexity_at(q)
-        walk.append({"p_error": q, "complexity": c, "within_budget": c <= budget})
+        walk.append({"p_error": q, measure: c, "within_budget": c <= budget})
         if c > budget:
             break
         best, q = q, q * SLACK_STEP
     return best, walk
 
 
-def raise_within_cost(complexity_at, p: float, cap: float, upper: float, refine: int = 4):
+def raise_within_cost(complexity_at, p: float, cap: float, upper: float, refine: int = 4, measure: str = "complexity"):
     """The smallest p_error from p up to `upper` whose circuit's complexity_at(p) is at most cap:
     steps of 1 / SLACK_STEP up to the first one within the cap, then `refine` bisections of log10
     p_error between it and the step before. A larger p_error lets Concrete pick cheaper crypto
     parameters (a level or a polynomial size down), for more lookup errors.
-    Returns (that p_error, or None when even `upper` is over the cap; [{"p_error", "complexity", "within_budget"}] in the order compiled)."""
+    Returns (that p_error, or None when even `upper` is over the cap; [{"p_error", measure, "within_budget"}] in the order compiled)."""
     walk = []
 
     def fits(q) -> bool:
         c = complexity_at(q)
-        walk.append({"p_error": q, "complexity": c, "within_budget": c <= cap})
+        walk.append({"p_error": q, measure: c, "within_budget": c <= cap})
         return c <= cap
 
     over, q = None, p
@@ -250,14 +277,18 @@ def main(argv=None) -> dict:
     def compiled(p):
         return compile_model(model, calib, compile_options(cfg, p_error=p))
 
-    @functools.lru_cache(maxsize=None)  # the cost walks keep numbers, not circuits
-    def complexity(p) -> float:
-        qm = compiled(p) if p == cfg.upper else compile_model(model, calib, compile_options(cfg, p_error=p))
-        return float(qm.fhe_circuit.statistics["complexity"])
+    # What the cost walks compare and cap: Concrete's complexity, or with --max-seconds the
+    # estimated seconds per image
+    measure, flag, cap = ("seconds", "--max-seconds", cfg.max_seconds) if cfg.max_seconds else ("complexity", "--max-complexity", cfg.max_complexity)
+    cap = cap or math.inf
 
-    cap = cfg.max_complexity or math.inf
-    if complexity(cfg.upper) > cap:
-        raise UserError(f"--max-complexity {cap:.4g}: even --upper {cfg.upper:g} compiles to {complexity(cfg.upper):.4g}: raise the cap, "
+    @functools.lru_cache(maxsize=None)  # the cost walks keep numbers, not circuits
+    def cost(p) -> float:
+        qm = compiled(p) if p == cfg.upper else compile_model(model, calib, compile_options(cfg, p_error=p))
+        return estimated_seconds(qm.fhe_circuit, p) if measure == "seconds" else float(qm.fhe_circuit.statistics["complexity"])
+
+    if cost(cfg.upper) > cap:
+        raise UserError(f"{flag} {cap:.4g}: even --upper {cfg.upper:g} compiles to {cost(cfg.upper):.4g}: raise the cap, "
                         "or give the model fewer or narrower lookups")
     reference = simulate_top1(compiled(cfg.upper), feats, labels, fhe="disable")
     print(f"clear quantized model (fhe=disable) top-1 on {len(labels)} training images: {reference:.4f}")
@@ -304,7 +335,7 @@ def main(argv=None) -> dict:
                       + ("" if within(np.mean(drops), cfg.tolerance) else f": more than --tolerance {cfg.tolerance}"))
             return drops
 
-        if largest is not None and complexity(largest) > cap:  # raised to the cap whatever it loses: validated there, not here
+        if largest is not None and cost(largest) > cap:  # raised to the cap whatever it loses: validated there, not here
             chosen, validations = largest, []
         else:
             chosen, validations = validate_down(drops_at, trace, cfg.tolerance)
@@ -314,21 +345,21 @@ def main(argv=None) -> dict:
 
         def show(walk, over: str) -> None:
             for w in walk:
-                print(f"p_error {w['p_error']:10.4g}  complexity {w['complexity']:.4g}" + ("" if w["within_budget"] else f": over {over}"))
+                print(f"p_error {w['p_error']:10.4g}  {measure} {w[measure]:.4g}" + ("" if w["within_budget"] else f": over {over}"))
 
         slack = capped = None
-        if complexity(chosen) > cap:
-            raised, walk = raise_within_cost(complexity, chosen, cap, cfg.upper)
-            show(walk, f"--max-complexity {cap:.4g}")
-            capped = {"max_complexity": cap, "searched_p_error": chosen, "walk": walk, "p_error": raised, "validation": summarize_validation(raised, drops_at(raised))}
+        if cost(chosen) > cap:
+            raised, walk = raise_within_cost(cost, chosen, cap, cfg.upper, measure=measure)
+            show(walk, f"{flag} {cap:.4g}")
+            capped = {f"max_{measure}": cap, "searched_p_error": chosen, "walk": walk, "p_error": raised, "validation": summarize_validation(raised, drops_at(raised))}
             mean = capped["validation"]["mean_drop"]
             if mean is not None and not within(mean, cfg.tolerance):
-                print(f"p_error {raised:.4g} loses more than --tolerance {cfg.tolerance}: kept for --max-complexity")
+                print(f"p_error {raised:.4g} loses more than --tolerance {cfg.tolerance}: kept for {flag}")
             chosen = raised
             validations.append(capped["validation"])
         elif cfg.cost_slack:
-            lowest, walk = lower_within_cost(complexity, chosen, cfg.cost_slack, cfg.lower, cap)
-            show(walk, f"{1 + cfg.cost_slack:g} times {chosen:.4g}'s" + (f" or --max-complexity {cap:.4g}" if cfg.max_complexity else ""))
+            lowest, walk = lower_within_cost(cost, chosen, cfg.cost_slack, cfg.lower, cap, measure=measure)
+            show(walk, f"{1 + cfg.cost_slack:g} times {chosen:.4g}'s" + (f" or {flag} {cap:.4g}" if cap < math.inf else ""))
             slack = {"cost_slack": cfg.cost_slack, "searched_p_error": chosen, "walk": walk, "lowest": lowest, "kept": False}
             if lowest != chosen:
                 slack["validation"] = summarize_validation(lowest, drops_at(lowest))
@@ -346,7 +377,7 @@ def main(argv=None) -> dict:
         "validation": validation,  # at the chosen value
         "validations": validations,  # every value validated, in that order (the last: the chosen one)
         **({"cost_slack": slack} if slack else {}),
-        **({"max_complexity": capped} if capped else {}),
+        **({f"max_{measure}": capped} if capped else {}),
         **({"trace_from": trace_origin(earlier, cfg.from_search)} if earlier else {}),
         "model_config": ckpt["model_config"],
         **provenance(cfg),

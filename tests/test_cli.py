@@ -77,6 +77,8 @@ def bad_cases(a_file, tmp_path):
         (p_error_search, ["--lower", "0.5", "--upper", "0.1"], "--lower"),
         (p_error_search, ["--cost-slack", "-0.1"], "--cost-slack"),
         (p_error_search, ["--max-complexity", "0"], "--max-complexity must be > 0"),
+        (p_error_search, ["--max-seconds", "-1"], "--max-seconds must be > 0"),
+        (p_error_search, ["--max-seconds", "10", "--max-complexity", "6e10"], "not both"),
         (p_error_search, ["--json", f"{a_file}/r.json"], "is a file, not a folder"),
         (p_error_search, ["--from-search", "/nonexistent.json"], "not a p_error search's result"),
         (p_error_search, ["--from-search", str(a_file)], "not a p_error search's result"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -257,6 +258,20 @@ def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_
         with pytest.raises(UserError, match="even --upper"):
             p_error_search.main(again + ["--max-complexity", "1e10", "--json", str(tmp_path / "over.json")])
     assert not (tmp_path / "over.json").exists()
+    # --max-seconds caps the estimated seconds the same way (here an estimate proportional to the complexity)
+    with monkeypatch.context() as m:
+        m.setattr(p_error_search, "estimated_seconds", lambda circuit, p: circuit.statistics["complexity"] / 1e10)
+        secs = p_error_search.main(again + ["--tolerance", "0.5", "--max-seconds", "2.2", "--json", str(tmp_path / "secs.json")])
+        with pytest.raises(UserError, match="--max-seconds 1: even --upper"):
+            p_error_search.main(again + ["--max-seconds", "1", "--json", str(tmp_path / "over.json")])
+    assert secs["p_error"] == capped["p_error"] and secs["max_seconds"]["max_seconds"] == 2.2 and "max_complexity" not in secs
+    assert [(w["p_error"], w["seconds"]) for w in secs["max_seconds"]["walk"]] == [
+        (w["p_error"], pytest.approx(w["complexity"] / 1e10)) for w in walk]
+    with monkeypatch.context() as m:  # a circuit the estimator cannot price is over any cap
+        m.setattr(p_error_search, "estimate_fhe_seconds", lambda stats, inputs, compressed: (None, [{"note": "no synthetic lookup"}], {}, {}))
+        from pbs_cost import synthetic_circuit
+
+        assert p_error_search.estimated_seconds(synthetic_circuit(5, 0.05, 4), 0.05) == math.inf
 
     def compile_model(*a, **k):
         raise AssertionError("compiled before the earlier search was checked")
@@ -318,6 +333,25 @@ def test_per_pbs_estimator_matches_parameters_and_measures():
     assert 0 < cost["multiply_add_seconds"] < cost["seconds"] / 20
     # reading an input ciphertext, and expanding a compressed one from its seed, cost something, less than a PBS
     assert 0 < cost["input_read_seconds"] < cost["seconds"] and 0 < cost["input_expand_seconds"] < cost["seconds"]
+
+
+def test_targets_that_one_synthetic_circuit_stands_for_share_its_measurement(monkeypatch):
+    """A p_error walk compiles circuits a few LWE dimensions apart: each is scaled from the same
+    synthetic measurement, made once per process, not once per target."""
+    import pbs_cost
+    from pbs_cost import param_dict, synthetic_circuit
+
+    (param,) = synthetic_circuit(5, 0.05, 32).statistics["programmable_bootstrap_count_per_parameter"]
+    target = param_dict(param)
+    runs = []
+    monkeypatch.setattr(pbs_cost, "_fastest_run", lambda circuit, x: runs.append(len(x)) or 1.0 + len(x) * 1e-4)
+    pbs_cost._synthetic_costs.cache_clear()
+    first = pbs_cost._measure(target, 32)
+    measured = len(runs)
+    second = pbs_cost._measure({**target, "input_lwe_dimension": target["input_lwe_dimension"] + 8}, 32)
+    pbs_cost._synthetic_costs.cache_clear()
+    assert measured >= 4 and len(runs) == measured and second["matched"] == first["matched"]
+    assert second["seconds"] > first["seconds"]  # scaled by the cost model: a longer blind rotation
 
 
 def test_multiply_add_cost_is_the_product_less_its_lookups_and_inputs(monkeypatch):
