@@ -368,7 +368,7 @@ def main(argv=None) -> dict:
                     validations.append(slack["validation"])
                 else:  # fewer errors lose no more but by chance: the searched value stays
                     print(f"p_error {lowest:.4g} lost more than --tolerance in validation: {chosen:.4g} stays")
-    print(f"chosen p_error {chosen:.4g}")
+    print(f"chosen p_error {chosen:.4g}" + (f": {measure} {cost(chosen):.4g}, within {flag} {cap:.4g}" if cap < math.inf else ""))
     validation = {k: validations[-1][k] for k in ("runs", "mean_drop", "max_drop")}
     result = {
         "p_error": chosen,
@@ -378,6 +378,7 @@ def main(argv=None) -> dict:
         "validations": validations,  # every value validated, in that order (the last: the chosen one)
         **({"cost_slack": slack} if slack else {}),
         **({f"max_{measure}": capped} if capped else {}),
+        **({"cost": {measure: cost(chosen), "cap": cap}} if cap < math.inf else {}),  # the chosen value's, under a cap
         **({"trace_from": trace_origin(earlier, cfg.from_search)} if earlier else {}),
         "model_config": ckpt["model_config"],
         **provenance(cfg),

@@ -265,6 +265,8 @@ def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_
         with pytest.raises(UserError, match="--max-seconds 1: even --upper"):
             p_error_search.main(again + ["--max-seconds", "1", "--json", str(tmp_path / "over.json")])
     assert secs["p_error"] == capped["p_error"] and secs["max_seconds"]["max_seconds"] == 2.2 and "max_complexity" not in secs
+    assert secs["cost"] == {"seconds": pytest.approx(capped["cost"]["complexity"] / 1e10), "cap": 2.2} and "cost" not in slack
+    assert capped["cost"]["complexity"] == next(w["complexity"] for w in walk if w["p_error"] == capped["p_error"]) <= 2.2e10
     assert [(w["p_error"], w["seconds"]) for w in secs["max_seconds"]["walk"]] == [
         (w["p_error"], pytest.approx(w["complexity"] / 1e10)) for w in walk]
     with monkeypatch.context() as m:  # a circuit the estimator cannot price is over any cap
