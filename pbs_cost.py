@@ -142,7 +142,7 @@ def per_pbs_seconds(target: dict, n: int = 128, cache: bool = True) -> dict:
 CACHE_VERSION = 5  # 3: with the multiply-add cost; 4: with the input decompression cost; 5: with the input reading cost, out of the multiply-add's
 # The multiply-add circuit's product: 16,384 inputs (the encrypted conv of fast10g and the other
 # small models reads as many) into 128 lookups, 2.1M multiply-adds (~1.5 s of a 3.4 s run here;
-# its inputs' reading ~2 s). A multiply-add costs more in a wider product (0.3 to 0.6 us at
+# its inputs' reading ~2 s). A multiply-add costs more in a wider product (0.3 to 1.1 us at
 # 16,384 inputs here, lost in the timing noise at 2,048): this errs high for narrower circuits.
 MULTIPLY_ADD_INPUTS = 16384
 MULTIPLY_ADD_OUTPUTS = 128
@@ -269,7 +269,8 @@ def _multiply_add_seconds(bits: int, p_error: float, got: dict, lookup_s: float,
     (read_per_number seconds per number of a ciphertext; None: not measured, and neither is
     this), per multiply-add; scaled to the target by the ciphertexts' size (k x N + 1 numbers).
     Most of a product's run is the reading of its inputs: with them counted as multiply-adds,
-    a product over 2,048 inputs put one at 1.1 us here where it costs 0.1 to 0.7 (RESULTS.md)."""
+    a product over 2,048 inputs put one at 1.1 to 1.5 us here, where net of the reading it costs
+    about 0.1 there and 0.3 to 1.1 over 16,384 inputs (RESULTS.md)."""
     if read_per_number is None:
         return {"multiply_add_seconds": None, "multiply_add_note": "the cost of reading an input was not measured, so neither is a multiply-add's"}
     n, m = MULTIPLY_ADD_OUTPUTS, MULTIPLY_ADD_INPUTS
