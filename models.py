@@ -146,7 +146,8 @@ FAST10G_H256 = dataclasses.replace(FAST10G, name="fast10g_h256", fcs=[256])
 # cost ~0.2 ms on the AVX2 AMD EPYC: 3.3 s of fast10g_2x80_kdw's 10.7 (RESULTS.md, "Reading the
 # inputs"). fast10g_c128_h256: the same with fast10g_h256's hidden linear (698 lookups). Screened
 # untrained, both compiled to larger crypto parameters than fast10g (N = 4096 at p_error 0.05)
-# and ran slower, whatever their inputs saved (RESULTS.md, "Fewer encrypted inputs"); not trained.
+# and ran slower, but their untrained hidden linear's lookups read 7 bits where every trained
+# model's read 6 (RESULTS.md, "Fewer encrypted inputs"): fast10g_c128 is trained (make training).
 FAST10G_C128 = dataclasses.replace(FAST10G, name="fast10g_c128", clear_conv=(128, 5, 1, 2), convs=[(48, 4, 2, 0, 0, 1)])
 FAST10G_C128_H256 = dataclasses.replace(FAST10G_C128, name="fast10g_c128_h256", fcs=[256])
 # fast_a4: fast with a 5-bit split quantizer and 4-bit activations (weights stay 3-bit), for the
