@@ -137,7 +137,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         "settings": {**settings, **{k: getattr(o, k) for k in ("p_error", "global_p_error", "rounding_bits", "rounding_method")}},
         **top1,
         "n_images": len(labels),
-        **{k: report[k] for k in ("pbs_count", "pbs_per_parameter", "multiply_add_count", "complexity", "max_bit_width", "key_sizes", "compile_seconds")},
+        **{k: report[k] for k in ("pbs_count", "lookup_reads", "pbs_per_parameter", "multiply_add_count", "complexity", "max_bit_width", "key_sizes", "compile_seconds")},
         "fhe_s_estimate": estimate,
         "estimate_parts": parts,
         "estimate_multiply_adds": linear,

@@ -9,6 +9,7 @@ right, simulation and real FHE would fall to chance).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, fields
 
@@ -137,7 +138,7 @@ def compile_model(model, calib: np.ndarray, o: CompileOptions):
     if o.p_error is None and o.global_p_error is None or o.rounding_bits is None:
         raise ValueError("compile_model needs resolved settings (fhe.resolve_settings)")
     try:
-        return compile_brevitas_qat_model(
+        qm = compile_brevitas_qat_model(
             model.encrypted,
             to_concrete(calib),
             rounding_threshold_bits=rounding_arg(o),
@@ -147,6 +148,8 @@ def compile_model(model, calib: np.ndarray, o: CompileOptions):
         )
     except Exception as e:  # Concrete raises RuntimeError / ValueError with free-form text
         raise UserError(explain_compile_error(e, o)) from None
+    warn_if_wide_lookups(lookup_reads(qm.fhe_circuit), o.rounding_bits)
+    return qm
 
 
 def explain_compile_error(e: Exception, o) -> str:
@@ -185,13 +188,51 @@ def key_sizes(qm) -> dict:
     return out
 
 
+def lookup_reads(circuit) -> list[dict]:
+    """Per table lookup of the compiled graph, in graph order: how many lookups (one per
+    value of its output), the bit width of the accumulator before it, the low bits a
+    rounding drops from it, and so the bits the lookup reads -- what sets its crypto
+    parameters. Concrete ML takes the bits to drop from the accumulator's range over the
+    calibration images (compute_bits_precision), while the graph's widths come from
+    Concrete's own bounds; where those differ a lookup reads more bits than
+    --rounding-bits, and one bit more doubles its polynomial size."""
+    import networkx as nx
+
+    graph = circuit.graph
+    rows = []
+    for node in nx.topological_sort(graph.graph):
+        if not node.converted_to_table_lookup or node.properties.get("name") == "round_bit_pattern":
+            continue  # an approximate rounding is not a lookup of its own: it shrinks the next one
+        (pred,) = [p for p in graph.ordered_preds_of(node) if p.output.is_encrypted][:1]
+        rounded = pred.properties.get("name") == "round_bit_pattern"
+        acc_bits = (pred.inputs[0] if rounded else node.inputs[0]).dtype.bit_width
+        lsbs = pred.properties["kwargs"]["lsbs_to_remove"] if rounded else 0
+        rows.append({"lookups": int(np.prod(node.output.shape)), "accumulator_bits": int(acc_bits),
+                     "lsbs_removed": int(lsbs), "bits": int(acc_bits - lsbs)})
+    return rows
+
+
+def warn_if_wide_lookups(reads: list[dict], rounding_bits: int | None) -> None:
+    """Say so when lookups read more bits than --rounding-bits asked for (see lookup_reads)."""
+    wide = [r for r in reads if rounding_bits and r["bits"] > rounding_bits]
+    if wide:
+        n = sum(r["lookups"] for r in wide)
+        bits = ", ".join(sorted({str(r["bits"]) for r in wide}))
+        print(f"warning: {n:,} lookups read {bits} bits, more than --rounding-bits {rounding_bits}: Concrete ML sets "
+              f"the bits to drop before a lookup from its own calibration of the accumulator, which can be narrower "
+              f"than the compiled one; each extra bit doubles their polynomial size (RESULTS.md, \"Fewer encrypted inputs\")",
+              file=sys.stderr, flush=True)
+
+
 def cost_report(qm, compile_s: float | None = None, keygen_s: float | None = None) -> dict:
-    """Bit widths, ranges, PBS per crypto parameter set, key sizes, timings (JSON-able)."""
+    """Bit widths, ranges, the bits each lookup reads, PBS per crypto parameter set, key
+    sizes, timings (JSON-able)."""
     s = qm.fhe_circuit.statistics
     per_param = {str(k): int(v) for k, v in s["programmable_bootstrap_count_per_parameter"].items()}
     return {
         "max_bit_width": int(qm.fhe_circuit.graph.maximum_integer_bit_width()),
         "layers": {k: {"range": list(map(int, v["range"])), "bit_width": int(v["bitwidth"])} for k, v in qm.bitwidth_and_range_report().items()},
+        "lookup_reads": lookup_reads(qm.fhe_circuit),
         "pbs_count": int(s["programmable_bootstrap_count"]),
         "pbs_per_parameter": per_param,
         "key_switch_count": int(s["key_switch_count"]),
@@ -209,6 +250,8 @@ def print_report(r: dict) -> None:
     print(f"max integer bit width {r['max_bit_width']} (accumulators; lookups read them rounded if --rounding-bits is set)")
     for name, layer in r["layers"].items():
         print(f"  {name:<40} {layer['bit_width']:>3} bits  range {layer['range']}")
+    for t in r["lookup_reads"]:
+        print(f"  {t['lookups']:>7,} lookups read {t['bits']} bits ({t['accumulator_bits']}-bit accumulator, {t['lsbs_removed']} low bits dropped)")
     print(f"PBS {r['pbs_count']}  key switches {r['key_switch_count']}  multiply-adds {r['multiply_add_count']:,}")
     for param, n in r["pbs_per_parameter"].items():
         print(f"  {n:>7} x {param}")

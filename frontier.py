@@ -64,6 +64,17 @@ def fmt_term(key: str, field: str = "seconds"):
     return fmt
 
 
+def fmt_reads(row) -> str:
+    """PBS by the bits their lookups read, widest first: "128 x 7, 442 x 6" (rows from before
+    the benchmark recorded it: n/a)."""
+    if "lookup_reads" not in row:
+        return "n/a"
+    by_bits: dict[int, int] = {}
+    for t in row["lookup_reads"]:
+        by_bits[t["bits"]] = by_bits.get(t["bits"], 0) + t["lookups"]
+    return ", ".join(f"{n:,} x {b}" for b, n in sorted(by_bits.items(), reverse=True))
+
+
 def print_table(rows: list[dict]) -> None:
     lines = [
         ("machine", machine),
@@ -75,6 +86,7 @@ def print_table(rows: list[dict]) -> None:
         ("PBS per image", lambda r: f"{r['pbs_count']:,}"),
         ("multiply-adds per image", lambda r: f"{r['multiply_add_count']:,}" if "multiply_add_count" in r else "n/a"),
         ("max bit width", lambda r: str(r["max_bit_width"])),
+        ("lookups x bits they read", fmt_reads),
         ("crypto params (N, k, level: PBS)", lambda r: "; ".join(f"{p['parameters']['polynomial_size']},{p['parameters']['glwe_dimension']},{p['parameters']['level']}: {p['pbs']:,}" for p in r["estimate_parts"])),
         ("keys (MiB)", lambda r: f"{r['key_sizes']['total_bytes'] / 2**20:,.0f}"),
         ("compile s", lambda r: f"{r['compile_seconds']:.1f}"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -45,6 +47,44 @@ def test_cost_report(tiny_compiled, tiny_checkpoint, tiny_data_dir):
     assert plain["pbs_count"] == 8 * 4 * 4 + 16 + 10 < r["pbs_count"]
     assert r["key_sizes"]["bootstrap_keys"] > 0 and r["max_bit_width"] <= 10
     assert r["compile_seconds"] > 0 and len(r["layers"]) == 3
+    # one row per layer's lookups; the rounded ones read the 4 bits asked for
+    reads = r["lookup_reads"]
+    assert [t["lookups"] for t in reads] == [8 * 4 * 4, 16, 10]
+    assert all(t["bits"] == t["accumulator_bits"] - t["lsbs_removed"] for t in reads)
+    assert {t["bits"] for t in reads if t["lsbs_removed"]} == {4}
+
+
+def test_lookup_reads_subtract_the_rounded_bits():
+    """The bits a lookup reads: its accumulator's width less what a rounding before it drops;
+    a lookup with no rounding reads the whole accumulator. A read wider than --rounding-bits
+    is reported, one at the asked width is not."""
+    from concrete import fhe
+
+    from fhe import lookup_reads, warn_if_wide_lookups
+
+    table = fhe.LookupTable([v // 4 for v in range(2**10)])
+
+    def f(x, y):
+        return table[fhe.round_bit_pattern(x, lsbs_to_remove=3, exactness=fhe.Exactness.APPROXIMATE)], table[y]
+
+    compiler = fhe.Compiler(f, {"x": "encrypted", "y": "encrypted"})
+    circuit = compiler.compile([(np.array([0, 1000, 5]), np.array([0, 60])), (np.array([7, 3, 2]), np.array([1, 2]))])
+    reads = sorted(lookup_reads(circuit), key=lambda r: -r["bits"])  # two independent lookups: either may come first
+    assert reads == [{"lookups": 3, "accumulator_bits": 10, "lsbs_removed": 3, "bits": 7},
+                     {"lookups": 2, "accumulator_bits": 6, "lsbs_removed": 0, "bits": 6}]
+    assert sum(r["lookups"] for r in reads) == circuit.statistics["programmable_bootstrap_count"]
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        warn_if_wide_lookups(reads, 7)
+        warn_if_wide_lookups(reads, 0)  # no rounding asked for: nothing to compare with
+    assert buf.getvalue() == ""
+    with contextlib.redirect_stderr(buf):
+        warn_if_wide_lookups(reads, 6)
+    assert buf.getvalue().startswith("warning: 3 lookups read 7 bits, more than --rounding-bits 6:")
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        warn_if_wide_lookups(reads, 5)  # an unrounded lookup wider than asked counts too
+    assert buf.getvalue().startswith("warning: 5 lookups read 6, 7 bits, more than --rounding-bits 5:")
 
 
 def test_infer_vl_on_tiny_data(tiny_checkpoint, tiny_data_dir, tmp_path):
@@ -433,6 +473,25 @@ def test_input_costs_are_differences_of_runs(monkeypatch):
     assert got["input_read_seconds"] is None and got["input_expand_seconds"] is None and "GiB: not measured" in got["input_note"]
 
 
+def test_input_reading_tool_times_each_count_plain_and_compressed(tmp_path, monkeypatch, capsys):
+    """tools/input_reading.py: one row per input count, the command and hardware in its JSON;
+    a bad count is refused before any circuit is compiled."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    import input_reading as tool
+    out = tmp_path / "sweep.json"
+    rows = tool.main(["--inputs", "4,64", "--bits", "3", "--json", str(out)])
+    assert [r["inputs"] for r in rows] == [4, 64] and all(r["plain_seconds"] > 0 and r["compressed_seconds"] > 0 for r in rows)
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and "input_reading" in saved["command"] and saved["hardware"]["cpu"]
+    assert "ms per input more (4 to 64 plain inputs)" in capsys.readouterr().out
+    import pbs_cost
+
+    monkeypatch.setattr(pbs_cost, "inputs_circuit", lambda *a, **k: pytest.fail("compiled before the options were checked"))
+    for bad in (["--inputs", "4,x"], ["--inputs", "0"], ["--bits", "9"]):
+        with pytest.raises(UserError):
+            tool.main(bad)
+
+
 def test_per_pbs_estimator_refuses_parameters_it_cannot_stand_for():
     """A (N, k) no synthetic lookup compiles to gets no estimate rather than a guess scaled
     from another ring size (the fault that once put a 4096-level-2 PBS at ~1 s)."""
@@ -545,6 +604,8 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     # the config's own process (simulation draws, FHE images) reports its progress as it runs
     assert "simulate 2/2" in progress and "tiny: image 1/1 in FHE" in progress
     assert f"{row['multiply_add_count']:,}" in printed.split("multiply-adds per image")[1].splitlines()[0]
+    assert [t["lookups"] for t in row["lookup_reads"]] == [8 * 4 * 4, 16, 10]  # the tiny model's three layers
+    assert frontier.fmt_reads(row) in printed.split("lookups x bits they read")[1].splitlines()[0]
     assert f"{row['fhe_s_median'] * row['cores']:,.0f}" in printed.split("core-seconds / image")[1].splitlines()[0]
     front = [l for l in printed.split("frontier")[1].splitlines()[2:] if l.startswith("  ")]
     assert row["cpu"] == hardware()["cpu"] and row["cores"] == len(os.sched_getaffinity(0))
@@ -587,6 +648,14 @@ def test_frontier_input_columns_read_rows_from_before_the_reading_term():
     old = {"estimate_inputs": {"compressed_inputs": 8, "seconds_each": 0.1, "seconds": 0.8}}
     assert (read(new), expand(new)) == ("1.2", "0.4") and (read(old), expand(old)) == ("n/a", "0.8")
     assert frontier.fmt_term("estimate_multiply_adds")({}) == "n/a"
+
+
+def test_frontier_counts_lookups_by_the_bits_they_read():
+    import frontier
+
+    reads = [{"lookups": 432, "bits": 6}, {"lookups": 128, "bits": 7}, {"lookups": 10, "bits": 6}]
+    assert frontier.fmt_reads({"lookup_reads": reads}) == "128 x 7, 442 x 6"
+    assert frontier.fmt_reads({}) == "n/a"  # a row from before the benchmark recorded them
 
 
 def spread_on_a_frontier_plot(points: list, xlim: tuple):
