@@ -49,7 +49,7 @@ def _table(bits: int):
 def _one_hot_inputset(m: int, bits: int) -> list:
     """Inputs that are zero but the first, which takes every `bits`-bit value: a product or
     sum of them keeps `bits` bits."""
-    return [np.eye(1, m, dtype=np.int64)[0] * v for v in range(2**bits)]
+    return [_one_hot(m) * v for v in range(2**bits)]
 
 
 def _key_bytes(circuit) -> int:
@@ -278,7 +278,7 @@ def _multiply_add_seconds(bits: int, p_error: float, got: dict, lookup_s: float,
     (param,) = circuit.statistics["programmable_bootstrap_count_per_parameter"]
     if param_dict(param) != got:
         return {"multiply_add_seconds": None, "multiply_add_note": "the product changed the crypto parameters: not measured"}
-    x = np.eye(1, m, dtype=np.int64)[0] * (2**bits - 1)
+    x = _one_hot(m) * (2**bits - 1)
     extra = _fastest_run(circuit, x) - n * lookup_s - m * read_per_number * _ciphertext_size(got)
     if extra <= 0:  # the timing noise hid the product: no figure, rather than 0
         return {"multiply_add_seconds": None, "multiply_add_note": f"the product added no measurable time ({extra:+.3f} s): not measured"}
@@ -306,6 +306,15 @@ def inputs_circuit(bits: int, p_error: float, m: int, compress: bool):
     return compiler.compile(_one_hot_inputset(m, bits), fhe.Configuration(p_error=p_error, compress_input_ciphertexts=compress))
 
 
+def input_run_seconds(bits: int, p_error: float, m: int, compress: bool) -> float:
+    """The fastest run of inputs_circuit on m inputs (tools/input_reading.py sweeps m)."""
+    return _fastest_run(inputs_circuit(bits, p_error, m, compress), _one_hot(m))
+
+
+def _one_hot(m: int) -> np.ndarray:
+    return np.eye(1, m, dtype=np.int64)[0]
+
+
 def _input_seconds(bits: int, p_error: float, target: dict, m: int = INPUT_ROWS, few: int = INPUT_ROWS_FEW) -> dict:
     """Seconds to read one input ciphertext (inputs_circuit on m plain inputs less the same on
     `few`, per input more) and to expand one compressed from its seed (m compressed less m
@@ -319,10 +328,9 @@ def _input_seconds(bits: int, p_error: float, target: dict, m: int = INPUT_ROWS,
         note = f"keys {key_bytes / 2**30:.1f} GiB: not measured"
         return {"input_read_seconds": None, "input_expand_seconds": None, "input_note": note}
     numbers = int(plain.statistics["size_of_inputs"]) / (8 * m)
-    one_hot = lambda k: np.eye(1, k, dtype=np.int64)[0]  # noqa: E731
-    plain_s = _fastest_run(plain, one_hot(m))
-    per_number = {"read": (plain_s - _fastest_run(inputs_circuit(bits, p_error, few, compress=False), one_hot(few))) / (m - few) / numbers,
-                  "expand": (_fastest_run(inputs_circuit(bits, p_error, m, compress=True), one_hot(m)) - plain_s) / m / numbers}
+    plain_s = _fastest_run(plain, _one_hot(m))
+    per_number = {"read": (plain_s - input_run_seconds(bits, p_error, few, compress=False)) / (m - few) / numbers,
+                  "expand": (input_run_seconds(bits, p_error, m, compress=True) - plain_s) / m / numbers}
     out, notes = {"read_per_number": per_number["read"] if per_number["read"] > 0 else None}, []
     for term, what in (("read", f"{m - few} more plain inputs"), ("expand", "compressed inputs")):
         each = per_number[term] * _ciphertext_size(target)
