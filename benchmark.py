@@ -67,6 +67,10 @@ SETTINGS = {
     "fast10g_c128": {},  # fast10g from half the encrypted inputs (a clear conv of 128 channels; models.py), untrained: its costs alone
     "fast10g_c128_kdw": {},  # fast10g_c128 distilled from resnet_w with fast10g_e80_kdw's 80 epochs (make training's step 12)
     "fast10g_c128_h256": {},  # the same with a hidden linear of 256, untrained
+    # "fit_lookups": lookups that would read more bits than rounding_bits drop the excess
+    # (fhe.fit_lookups_to_rounding): untrained layouts screened as trained ones compile
+    "fast10g_c128_fit": {"model": "fast10g_c128", "fit_lookups": True},
+    "fast10g_fit": {"model": "fast10g", "fit_lookups": True},
     "accurate": {},  # the 4,746-lookup layout (models.py) untrained: its costs alone (trained: accurate_kdw)
     "accurate60": {},  # the 4,106-lookup candidate for the 60 s target (models.py), untrained: its costs alone
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests
@@ -115,11 +119,12 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
 
     settings = dict(SETTINGS[name])
     model_name = settings.pop("model", name)
+    fit = settings.pop("fit_lookups", False)
     settings = {"checkpoint": str(Path(cfg.checkpoint_dir) / f"{model_name}.pt"), **settings}
     o = CompileOptions(data_dir=cfg.data_dir, **settings)
     images, labels = data.stack(data.dataset("test", cfg.data_dir, n=cfg.n_images))
     if Path(o.checkpoint).is_file():
-        model, ckpt, qm, report = compile_checkpoint(o)
+        model, ckpt, qm, report = compile_checkpoint(o, fit_lookups=fit)
         acc = evaluate(model, qm, images, labels, repeats=cfg.repeats)
         sim = acc["simulate_spread"]["top1"]
         top1 = {"torch_top1": acc["torch"]["top1"], "sim_top1": sim["mean"], "sim_top1_sd": sim["sd"], "sim_top1_draws": sim["draws"],
@@ -129,12 +134,12 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         # time) do not need one; the accuracy columns do, and stay empty.
         print(f"no {o.checkpoint}: costs from an untrained {name} model at the initial settings, no accuracy", file=sys.stderr)
         resolve_settings(o, {"deployment": INITIAL_DEPLOYMENT})
-        model, qm, report = untrained_compiled(CONFIGS[model_name], o)
+        model, qm, report = untrained_compiled(CONFIGS[model_name], o, fit_lookups=fit)
         top1 = {"torch_top1": None, "sim_top1": None, "sim_top1_sd": None, "sim_top1_draws": [], "epochs_trained": 0}
     estimate, parts, linear, inputs = estimate_fhe_seconds(qm.fhe_circuit.statistics, *input_ciphertexts(qm.fhe_circuit), cache=False)
     row = {
         "config": name,
-        "settings": {**settings, **{k: getattr(o, k) for k in ("p_error", "global_p_error", "rounding_bits", "rounding_method")}},
+        "settings": {**settings, **{k: getattr(o, k) for k in ("p_error", "global_p_error", "rounding_bits", "rounding_method")}, "fit_lookups": fit},
         **top1,
         "n_images": len(labels),
         **{k: report[k] for k in ("pbs_count", "lookup_reads", "pbs_per_parameter", "multiply_add_count", "complexity", "max_bit_width", "key_sizes", "compile_seconds")},
@@ -161,7 +166,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     return row
 
 
-def untrained_compiled(model_cfg, o, n_stats: int = 512):
+def untrained_compiled(model_cfg, o, n_stats: int = 512, fit_lookups: bool = False):
     """A freshly initialised, pruned model of this ModelConfig with batch-norm statistics from
     the first n_stats training images, compiled with the settings in o."""
     import torch
@@ -183,7 +188,7 @@ def untrained_compiled(model_cfg, o, n_stats: int = 512):
     model.load_state_dict(folded_state_dict(net))
     model.eval()
     t0 = time.perf_counter()
-    qm = compile_model(model, calibration_set(model, o), o)
+    qm = compile_model(model, calibration_set(model, o), o, fit_lookups)
     return model, qm, cost_report(qm, time.perf_counter() - t0)
 
 

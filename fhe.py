@@ -131,8 +131,10 @@ def rounding_arg(o):
     return {"n_bits": o.rounding_bits, "method": o.rounding_method}
 
 
-def compile_model(model, calib: np.ndarray, o: CompileOptions):
-    """compile_brevitas_qat_model on the encrypted part; Concrete failures become one message."""
+def compile_model(model, calib: np.ndarray, o: CompileOptions, fit_lookups: bool = False):
+    """compile_brevitas_qat_model on the encrypted part; Concrete failures become one message.
+    fit_lookups: where a lookup reads more bits than o.rounding_bits, drop the extra low bits
+    and compile again (fit_lookups_to_rounding; for screening untrained layouts)."""
     from concrete.ml.torch.compile import compile_brevitas_qat_model
 
     if o.p_error is None and o.global_p_error is None or o.rounding_bits is None:
@@ -148,8 +150,40 @@ def compile_model(model, calib: np.ndarray, o: CompileOptions):
         )
     except Exception as e:  # Concrete raises RuntimeError / ValueError with free-form text
         raise UserError(explain_compile_error(e, o)) from None
+    if fit_lookups and o.rounding_bits:
+        fit_lookups_to_rounding(qm, calib, o)
     warn_if_wide_lookups(lookup_reads(qm.fhe_circuit), o.rounding_bits)
     return qm
+
+
+def fit_lookups_to_rounding(qm, calib: np.ndarray, o: CompileOptions) -> int:
+    """Make every lookup read at most o.rounding_bits bits: where one reads more (lookup_reads),
+    raise the low bits its layer drops by the excess and compile the module again at o's
+    p_error. Concrete ML calibrates each layer's rounding on inputs computed without the
+    earlier layers' rounding, so a deeper accumulator can compile a bit wider than it was
+    calibrated (RESULTS.md, "Fewer encrypted inputs"); the clear quantized model
+    (fhe="disable") drops the same bits, so accuracy measured after it is the fitted
+    circuit's. Returns the number of lookups narrowed."""
+    # The layers that round, in order: one per lookup of these sequential networks.
+    ops = [op for _, op in qm.quant_layers_dict.values() if getattr(op, "lsbs_to_remove", None)]
+    reads = lookup_reads(qm.fhe_circuit)
+    if len(ops) != len(reads) or any(len(op.lsbs_to_remove) != 1 for op in ops) or any(
+        next(iter(op.lsbs_to_remove.values())) != r["lsbs_removed"] for op, r in zip(ops, reads)
+    ):
+        raise UserError("cannot fit the lookups to --rounding-bits: the compiled lookups do not match the layers one to one")
+    narrowed = 0
+    for op, r in zip(ops, reads):
+        if r["bits"] > o.rounding_bits:
+            (key,) = op.lsbs_to_remove
+            op.lsbs_to_remove[key] += r["bits"] - o.rounding_bits
+            narrowed += r["lookups"]
+    if narrowed:
+        print(f"{narrowed:,} lookups read more than {o.rounding_bits} bits: their layers now drop the excess; compiling again", file=sys.stderr, flush=True)
+        try:
+            qm.compile(to_concrete(calib), p_error=o.p_error, global_p_error=o.global_p_error, verbose=o.verbose)
+        except Exception as e:
+            raise UserError(explain_compile_error(e, o)) from None
+    return narrowed
 
 
 def explain_compile_error(e: Exception, o) -> str:
@@ -264,9 +298,9 @@ def print_report(r: dict) -> None:
         print(f"compile {r['compile_seconds']:.1f} s" + (f", keygen {r['keygen_seconds']:.1f} s" if r.get("keygen_seconds") is not None else ""))
 
 
-def compile_checkpoint(o: CompileOptions):
+def compile_checkpoint(o: CompileOptions, fit_lookups: bool = False):
     """Load a checkpoint, fill o's unset FHE settings from it (in place), build the
-    calibration set, compile.
+    calibration set, compile (fit_lookups: see compile_model).
     Returns (model, checkpoint, quantized module, cost report)."""
     from checkpoints import load_checkpoint
 
@@ -274,7 +308,7 @@ def compile_checkpoint(o: CompileOptions):
     settings = resolve_settings(o, ckpt)
     calib = calibration_set(model, o)
     t0 = time.perf_counter()
-    qm = compile_model(model, calib, o)
+    qm = compile_model(model, calib, o, fit_lookups)
     compile_s = time.perf_counter() - t0
     return model, ckpt, qm, {**cost_report(qm, compile_s), "settings": settings}
 

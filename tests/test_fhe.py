@@ -87,6 +87,29 @@ def test_lookup_reads_subtract_the_rounded_bits():
     assert buf.getvalue().startswith("warning: 5 lookups read 6, 7 bits, more than --rounding-bits 5:")
 
 
+def test_fitting_the_lookups_to_the_rounding_bits(tiny_checkpoint, tiny_data_dir):
+    """The tiny model's output layer compiles to a 5-bit accumulator that Concrete ML calibrated
+    within 4 bits, so at --rounding-bits 4 its lookups read 5 unrounded; fitted, every lookup
+    reads 4 and the clear quantized model drops the same bits as the circuit."""
+    from checkpoints import load_checkpoint
+    from fhe import calibration_set, compile_model, lookup_reads
+
+    o = CompileOptions(checkpoint=str(tiny_checkpoint), data_dir=str(tiny_data_dir), p_error=1e-9, rounding_bits=4, rounding_method="exact", n_calib=40)
+    model, _ = load_checkpoint(o.checkpoint)
+    calib = calibration_set(model, o)
+    plain = compile_model(model, calib, o)
+    wide = lookup_reads(plain.fhe_circuit)
+    assert wide[-1] == {"lookups": 10, "accumulator_bits": 5, "lsbs_removed": 0, "bits": 5}
+    qm = compile_model(model, calib, o, fit_lookups=True)
+    fitted = lookup_reads(qm.fhe_circuit)
+    assert [t["lookups"] for t in fitted] == [t["lookups"] for t in wide] and {t["bits"] for t in fitted} == {4}
+    assert fitted[-1]["lsbs_removed"] == 1 and fitted[:-1] == wide[:-1]
+    feats = clear_features(model, data.stack(data.dataset("test", tiny_data_dir))[0])
+    disable = quantized_logits(qm, feats, "disable")
+    assert (disable != quantized_logits(plain, feats, "disable")).any()  # the clear model rounds the output layer too
+    assert (quantized_logits(qm, feats, "simulate").argmax(1) == disable.argmax(1)).mean() >= 0.9
+
+
 def test_infer_vl_on_tiny_data(tiny_checkpoint, tiny_data_dir, tmp_path):
     """The script end to end: at a negligible p_error and exact rounding, simulation is the
     clear quantized model exactly; the JSON holds what the screen said."""
