@@ -505,7 +505,7 @@ def test_input_reading_tool_times_each_count_plain_and_compressed(tmp_path, monk
     rows = tool.main(["--inputs", "4,64", "--bits", "3", "--json", str(out)])
     assert [r["inputs"] for r in rows] == [4, 64] and all(r["plain_seconds"] > 0 and r["compressed_seconds"] > 0 for r in rows)
     saved = json.loads(out.read_text())
-    assert saved["rows"] == rows and "input_reading" in saved["command"] and saved["hardware"]["cpu"]
+    assert saved["rows"] == rows and saved["config"]["inputs"] == "4,64" and saved["command"] and saved["hardware"]["cpu"]
     assert "ms per input more (4 to 64 plain inputs)" in capsys.readouterr().out
     import pbs_cost
 
