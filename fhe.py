@@ -226,10 +226,10 @@ def lookup_reads(circuit) -> list[dict]:
     """Per table lookup of the compiled graph, in graph order: how many lookups (one per
     value of its output), the bit width of the accumulator before it, the low bits a
     rounding drops from it, and so the bits the lookup reads -- what sets its crypto
-    parameters. Concrete ML takes the bits to drop from the accumulator's range over the
-    calibration images (compute_bits_precision), while the graph's widths come from
-    Concrete's own bounds; where those differ a lookup reads more bits than
-    --rounding-bits, and one bit more doubles its polynomial size."""
+    parameters. Concrete ML sets the bits to drop from the accumulator's range in its
+    calibration, which runs each layer on inputs without the earlier layers' rounding, while
+    the graph's widths come from Concrete's bounds with that rounding; where they differ a
+    lookup reads more bits than --rounding-bits, and one bit more doubles its polynomial size."""
     import networkx as nx
 
     graph = circuit.graph
@@ -254,7 +254,8 @@ def warn_if_wide_lookups(reads: list[dict], rounding_bits: int | None) -> None:
         bits = ", ".join(sorted({str(r["bits"]) for r in wide}))
         print(f"warning: {n:,} lookups read {bits} bits, more than --rounding-bits {rounding_bits}: Concrete ML sets "
               f"the bits to drop before a lookup from its own calibration of the accumulator, which can be narrower "
-              f"than the compiled one; each extra bit doubles their polynomial size (RESULTS.md, \"Fewer encrypted inputs\")",
+              f"than the compiled one; each extra bit doubles their polynomial size (fhe.fit_lookups_to_rounding "
+              f"drops the excess; RESULTS.md, \"Fewer encrypted inputs\")",
               file=sys.stderr, flush=True)
 
 
