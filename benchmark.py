@@ -70,7 +70,6 @@ SETTINGS = {
     # "fit_lookups": lookups that would read more bits than rounding_bits drop the excess
     # (fhe.fit_lookups_to_rounding): untrained layouts screened as trained ones compile
     "fast10g_c128_fit": {"model": "fast10g_c128", "fit_lookups": True},
-    "fast10g_fit": {"model": "fast10g", "fit_lookups": True},
     "accurate": {},  # the 4,746-lookup layout (models.py) untrained: its costs alone (trained: accurate_kdw)
     "accurate60": {},  # the 4,106-lookup candidate for the 60 s target (models.py), untrained: its costs alone
     "tiny": {"p_error": 1e-9, "rounding_bits": 4, "rounding_method": "exact", "n_calib": 40},  # tests

@@ -237,7 +237,7 @@ def lookup_reads(circuit) -> list[dict]:
     for node in nx.topological_sort(graph.graph):
         if not node.converted_to_table_lookup or node.properties.get("name") == "round_bit_pattern":
             continue  # an approximate rounding is not a lookup of its own: it shrinks the next one
-        (pred,) = [p for p in graph.ordered_preds_of(node) if p.output.is_encrypted][:1]
+        pred = next(p for p in graph.ordered_preds_of(node) if p.output.is_encrypted)
         rounded = pred.properties.get("name") == "round_bit_pattern"
         acc_bits = (pred.inputs[0] if rounded else node.inputs[0]).dtype.bit_width
         lsbs = pred.properties["kwargs"]["lsbs_to_remove"] if rounded else 0
