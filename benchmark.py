@@ -113,17 +113,16 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     import data
     from checkpoints import INITIAL_DEPLOYMENT
     from deployment import FHEServer, classify, deploy_local
-    from fhe import CompileOptions, compile_checkpoint, evaluate, resolve_settings
+    from fhe import SETTING_KEYS, CompileOptions, compile_checkpoint, evaluate, resolve_settings
     from models import CONFIGS
 
     settings = dict(SETTINGS[name])
     model_name = settings.pop("model", name)
-    fit = settings.pop("fit_lookups", False)
     settings = {"checkpoint": str(Path(cfg.checkpoint_dir) / f"{model_name}.pt"), **settings}
     o = CompileOptions(data_dir=cfg.data_dir, **settings)
     images, labels = data.stack(data.dataset("test", cfg.data_dir, n=cfg.n_images))
     if Path(o.checkpoint).is_file():
-        model, ckpt, qm, report = compile_checkpoint(o, fit_lookups=fit)
+        model, ckpt, qm, report = compile_checkpoint(o)
         acc = evaluate(model, qm, images, labels, repeats=cfg.repeats)
         sim = acc["simulate_spread"]["top1"]
         top1 = {"torch_top1": acc["torch"]["top1"], "sim_top1": sim["mean"], "sim_top1_sd": sim["sd"], "sim_top1_draws": sim["draws"],
@@ -133,12 +132,12 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         # time) do not need one; the accuracy columns do, and stay empty.
         print(f"no {o.checkpoint}: costs from an untrained {name} model at the initial settings, no accuracy", file=sys.stderr)
         resolve_settings(o, {"deployment": INITIAL_DEPLOYMENT})
-        model, qm, report = untrained_compiled(CONFIGS[model_name], o, fit_lookups=fit)
+        model, qm, report = untrained_compiled(CONFIGS[model_name], o)
         top1 = {"torch_top1": None, "sim_top1": None, "sim_top1_sd": None, "sim_top1_draws": [], "epochs_trained": 0}
     estimate, parts, linear, inputs = estimate_fhe_seconds(qm.fhe_circuit.statistics, *input_ciphertexts(qm.fhe_circuit), cache=False)
     row = {
         "config": name,
-        "settings": {**settings, **{k: getattr(o, k) for k in ("p_error", "global_p_error", "rounding_bits", "rounding_method")}, "fit_lookups": fit},
+        "settings": {**settings, **{k: getattr(o, k) for k in SETTING_KEYS}},
         **top1,
         "n_images": len(labels),
         **{k: report[k] for k in ("pbs_count", "lookup_reads", "pbs_per_parameter", "multiply_add_count", "complexity", "max_bit_width", "key_sizes", "compile_seconds")},
@@ -165,7 +164,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
     return row
 
 
-def untrained_compiled(model_cfg, o, n_stats: int = 512, fit_lookups: bool = False):
+def untrained_compiled(model_cfg, o, n_stats: int = 512):
     """A freshly initialised, pruned model of this ModelConfig with batch-norm statistics from
     the first n_stats training images, compiled with the settings in o."""
     import torch
@@ -187,7 +186,7 @@ def untrained_compiled(model_cfg, o, n_stats: int = 512, fit_lookups: bool = Fal
     model.load_state_dict(folded_state_dict(net))
     model.eval()
     t0 = time.perf_counter()
-    qm = compile_model(model, calibration_set(model, o), o, fit_lookups)
+    qm = compile_model(model, calibration_set(model, o), o)
     return model, qm, cost_report(qm, time.perf_counter() - t0)
 
 

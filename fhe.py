@@ -39,6 +39,7 @@ class CompileOptions:
     global_p_error: float | None = opt(None, "error probability of the whole circuit (not with --p-error)")
     rounding_bits: int | None = opt(None, "round accumulators to N bits (2 to 8) before each table lookup; 0: no rounding (default: the checkpoint's deployed setting)")
     rounding_method: str | None = opt(None, "Concrete ML rounding method (default: the checkpoint's deployed one)", choices=["approximate", "exact"])
+    fit_lookups: bool | None = opt(None, "where a compiled lookup reads more bits than --rounding-bits, its layer drops the excess low bits and the circuit compiles again (fhe.fit_lookups_to_rounding) (default: the checkpoint's deployed setting, off where it stores none)")
     n_calib: int = opt(500, "calibration images: the first N training images")
     verbose: bool = opt(False, "print the Concrete optimizer's output")
     data_dir: str | None = opt(None, "CIFAR-10 location (default: $CIFAR10_DIR, else ./data)")
@@ -65,8 +66,14 @@ def check_compile_options(o) -> None:
         raise UserError("--n-calib must be >= 1")
 
 
+# The CompileOptions fields that change the compiled circuit, as results record them.
+SETTING_KEYS = ("p_error", "global_p_error", "rounding_bits", "rounding_method", "fit_lookups")
+# What a result or checkpoint written before a setting existed meant by its absence.
+SETTING_ABSENT = {"fit_lookups": False}
+
+
 def resolve_settings(o, ckpt: dict, p_error: bool = True) -> dict:
-    """Fill the unset p_error (unless p_error=False) and rounding fields of `o` (in place)
+    """Fill the unset p_error (unless p_error=False), rounding and fit_lookups fields of `o` (in place)
     from the checkpoint's deployed settings, so that the config every result file records is
     the one compiled. Returns the effective settings."""
     given = o.p_error is not None or o.global_p_error is not None or not p_error
@@ -78,8 +85,10 @@ def resolve_settings(o, ckpt: dict, p_error: bool = True) -> dict:
             o.rounding_bits = int(d["rounding_bits"])
         if o.rounding_method is None:
             o.rounding_method = d["rounding_method"]
+    if o.fit_lookups is None:  # needs no deployment block: absent, it is off
+        o.fit_lookups = bool((ckpt.get("deployment") or {}).get("fit_lookups", SETTING_ABSENT["fit_lookups"]))
     check_compile_options(o)
-    return {k: getattr(o, k) for k in ("p_error", "global_p_error", "rounding_bits", "rounding_method")}
+    return {k: getattr(o, k) for k in SETTING_KEYS}
 
 
 def to_concrete(x) -> np.ndarray:
@@ -131,10 +140,10 @@ def rounding_arg(o):
     return {"n_bits": o.rounding_bits, "method": o.rounding_method}
 
 
-def compile_model(model, calib: np.ndarray, o: CompileOptions, fit_lookups: bool = False):
+def compile_model(model, calib: np.ndarray, o: CompileOptions):
     """compile_brevitas_qat_model on the encrypted part; Concrete failures become one message.
-    fit_lookups: where a lookup reads more bits than o.rounding_bits, drop the extra low bits
-    and compile again (fit_lookups_to_rounding; for screening untrained layouts)."""
+    o.fit_lookups: where a lookup reads more bits than o.rounding_bits, drop the extra low bits
+    and compile again (fit_lookups_to_rounding)."""
     from concrete.ml.torch.compile import compile_brevitas_qat_model
 
     if o.p_error is None and o.global_p_error is None or o.rounding_bits is None:
@@ -150,7 +159,7 @@ def compile_model(model, calib: np.ndarray, o: CompileOptions, fit_lookups: bool
         )
     except Exception as e:  # Concrete raises RuntimeError / ValueError with free-form text
         raise UserError(explain_compile_error(e, o)) from None
-    if fit_lookups and o.rounding_bits:
+    if o.fit_lookups and o.rounding_bits:
         fit_lookups_to_rounding(qm, calib, o)
     warn_if_wide_lookups(lookup_reads(qm.fhe_circuit), o.rounding_bits)
     return qm
@@ -254,7 +263,7 @@ def warn_if_wide_lookups(reads: list[dict], rounding_bits: int | None) -> None:
         bits = ", ".join(sorted({str(r["bits"]) for r in wide}))
         print(f"warning: {n:,} lookups read {bits} bits, more than --rounding-bits {rounding_bits}: Concrete ML sets "
               f"the bits to drop before a lookup from its own calibration of the accumulator, which can be narrower "
-              f"than the compiled one; each extra bit doubles their polynomial size (fhe.fit_lookups_to_rounding "
+              f"than the compiled one; each extra bit doubles their polynomial size (--fit-lookups "
               f"drops the excess; RESULTS.md, \"Fewer encrypted inputs\")",
               file=sys.stderr, flush=True)
 
@@ -299,9 +308,9 @@ def print_report(r: dict) -> None:
         print(f"compile {r['compile_seconds']:.1f} s" + (f", keygen {r['keygen_seconds']:.1f} s" if r.get("keygen_seconds") is not None else ""))
 
 
-def compile_checkpoint(o: CompileOptions, fit_lookups: bool = False):
+def compile_checkpoint(o: CompileOptions):
     """Load a checkpoint, fill o's unset FHE settings from it (in place), build the
-    calibration set, compile (fit_lookups: see compile_model).
+    calibration set, compile.
     Returns (model, checkpoint, quantized module, cost report)."""
     from checkpoints import load_checkpoint
 
@@ -309,7 +318,7 @@ def compile_checkpoint(o: CompileOptions, fit_lookups: bool = False):
     settings = resolve_settings(o, ckpt)
     calib = calibration_set(model, o)
     t0 = time.perf_counter()
-    qm = compile_model(model, calib, o, fit_lookups)
+    qm = compile_model(model, calib, o)
     compile_s = time.perf_counter() - t0
     return model, ckpt, qm, {**cost_report(qm, compile_s), "settings": settings}
 

@@ -33,7 +33,7 @@ import data
 from checkpoints import read_checkpoint
 from cli import UserError, check_output_dir, opt, parse_config, run_main
 from deployment import STAGES, deploy_local
-from fhe import compile_checkpoint, print_report, resolve_settings
+from fhe import SETTING_ABSENT, compile_checkpoint, print_report, resolve_settings
 from metrics import paired_difference, proportion_ci
 from parallel import ParallelOptions, fhe_servers
 from pbs_cost import estimate_fhe_seconds, input_ciphertexts, runtime_threads
@@ -42,7 +42,7 @@ from provenance import provenance, write_json
 COLUMNS = ["index", "label", "torch_pred", "sim_pred", "sim2_pred", "fhe_pred", *[f"{s}_s" for s in STAGES], "input_bytes",
            "torch_logits", "sim_logits", "fhe_logits"]
 # settings that must match for a rerun to append to an existing CSV
-RESUME_KEYS = ("checkpoint", "p_error", "global_p_error", "rounding_bits", "rounding_method", "n_calib")
+RESUME_KEYS = ("checkpoint", "p_error", "global_p_error", "rounding_bits", "rounding_method", "fit_lookups", "n_calib")
 CONFIRM_ABOVE_S = 3600  # a run estimated longer than this needs --yes
 
 
@@ -78,7 +78,7 @@ def check_resume(meta_path: Path, cfg: FHEConfig) -> None:
     if not meta_path.exists():
         return
     old = json.loads(meta_path.read_text())["config"]
-    diff = [k for k in RESUME_KEYS if old.get(k) != getattr(cfg, k)]
+    diff = [k for k in RESUME_KEYS if old.get(k, SETTING_ABSENT.get(k)) != getattr(cfg, k)]
     if diff:
         raise UserError(f"{meta_path.parent} holds results for other settings ({', '.join(diff)}): choose another --out-dir")
 

@@ -61,7 +61,7 @@ from tqdm import tqdm
 import data
 from checkpoints import load_checkpoint, write_deployment
 from cli import UserError, check_output_file, opt, parse_config, run_main
-from fhe import calibration_set, clear_features, compile_model, compile_options, quantized_logits, resolve_settings
+from fhe import SETTING_ABSENT, calibration_set, clear_features, compile_model, compile_options, quantized_logits, resolve_settings
 from metrics import topk_accuracy
 from parallel import ParallelOptions, simulators
 from pbs_cost import estimate_fhe_seconds, input_ciphertexts
@@ -142,8 +142,8 @@ def earlier_search(cfg, ckpt) -> dict:
         old = json.loads(Path(cfg.from_search).read_text())
         old["trace"] = [(float(t["p_error"]), float(t["top1"])) for t in old["trace"]]
         old["reference_top1"] = float(old["reference_top1"])
-        differ = [f"--{k.replace('_', '-')} {old['config'].get(k)} there" for k in ("n_images", "n_calib", "rounding_bits", "rounding_method")
-                  if old["config"].get(k) != getattr(cfg, k)]
+        differ = [f"--{k.replace('_', '-')} {old['config'].get(k)} there" for k in ("n_images", "n_calib", "rounding_bits", "rounding_method", "fit_lookups")
+                  if old["config"].get(k, SETTING_ABSENT.get(k)) != getattr(cfg, k)]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"--from-search {cfg.from_search}: not a p_error search's result ({type(e).__name__}: {e})")
     if old.get("model_config") != json.loads(json.dumps(ckpt["model_config"])):
@@ -387,7 +387,8 @@ def main(argv=None) -> dict:
     plot(trace, reference, cfg.tolerance, chosen, Path(cfg.json).with_suffix(".png"))
     print(f"wrote {cfg.json} and {Path(cfg.json).with_suffix('.png')}")
     if cfg.write:
-        stored = write_deployment(cfg.checkpoint, p_error=chosen, rounding_bits=cfg.rounding_bits, rounding_method=cfg.rounding_method, source=cfg.json)
+        stored = write_deployment(cfg.checkpoint, p_error=chosen, rounding_bits=cfg.rounding_bits, rounding_method=cfg.rounding_method,
+                                  fit_lookups=cfg.fit_lookups, source=cfg.json)
         print(f"stored in {cfg.checkpoint} as its deployed setting: {stored}")
     return result
 

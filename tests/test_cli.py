@@ -89,6 +89,16 @@ def bad_cases(a_file, tmp_path):
     ]
 
 
+def test_an_unset_switch_is_told_apart_from_one_turned_off():
+    """A `bool | None` option (None: the checkpoint's setting) takes --x and --no-x, no value."""
+    from cli import parse_config
+    from fhe import CompileOptions
+
+    assert [parse_config(CompileOptions, a, "").fit_lookups for a in ([], ["--fit-lookups"], ["--no-fit-lookups"])] == [None, True, False]
+    with pytest.raises(SystemExit):
+        parse_config(CompileOptions, ["--fit-lookups", "False"], "")
+
+
 def test_bad_values_are_rejected_before_any_work(a_file, tmp_path, capsys, monkeypatch):
     """Each case ends in one `error:` line and status 2; none gets as far as loading data or
     a model (the loader is made to fail loudly if it is reached)."""

@@ -19,7 +19,7 @@ import data
 import fhe_inference
 from cli import UserError
 from conftest import SHARED, TINY_G2, needs_dataset
-from fhe import CompileOptions, clear_features, compile_checkpoint, evaluate, quantized_logits
+from fhe import CompileOptions, clear_features, compile_checkpoint, compile_options, evaluate, quantized_logits
 from models import TINY, conv_out
 from p_error_search import SLACK_STEP, bisect_log, lower_within_cost, raise_within_cost, validate_down
 from provenance import hardware
@@ -100,7 +100,7 @@ def test_fitting_the_lookups_to_the_rounding_bits(tiny_checkpoint, tiny_data_dir
     plain = compile_model(model, calib, o)
     wide = lookup_reads(plain.fhe_circuit)
     assert wide[-1] == {"lookups": 10, "accumulator_bits": 5, "lsbs_removed": 0, "bits": 5}
-    qm = compile_model(model, calib, o, fit_lookups=True)
+    qm = compile_model(model, calib, compile_options(o, fit_lookups=True))
     fitted = lookup_reads(qm.fhe_circuit)
     assert [t["lookups"] for t in fitted] == [t["lookups"] for t in wide] and {t["bits"] for t in fitted} == {4}
     assert fitted[-1]["lsbs_removed"] == 1 and fitted[:-1] == wide[:-1]
@@ -108,6 +108,37 @@ def test_fitting_the_lookups_to_the_rounding_bits(tiny_checkpoint, tiny_data_dir
     disable = quantized_logits(qm, feats, "disable")
     assert (disable != quantized_logits(plain, feats, "disable")).any()  # the clear model rounds the output layer too
     assert (quantized_logits(qm, feats, "simulate").argmax(1) == disable.argmax(1)).mean() >= 0.9
+
+
+def test_a_searched_fit_is_stored_and_followed(tiny_checkpoint, tiny_data_dir, tmp_path):
+    """p_error_search --fit-lookups --write stores the fit in the checkpoint's deployment; a
+    compile that gives no --fit-lookups follows it, --no-fit-lookups overrides it, and a
+    checkpoint that stores none (written before the setting existed) compiles unfitted."""
+    import shutil
+
+    import p_error_search
+    from checkpoints import read_checkpoint
+    from fhe import lookup_reads
+
+    path = tmp_path / "tiny.pt"
+    shutil.copy(tiny_checkpoint, path)
+    args = ["--checkpoint", str(path), "--data-dir", str(tiny_data_dir), "--rounding-bits", "4", "--rounding-method", "exact",
+            "--n-calib", "40", "--n-images", "20", "--tolerance", "1", "--n-validation", "0"]
+    p_error_search.main(args + ["--fit-lookups", "--write", "--json", str(tmp_path / "fit.json")])
+    assert read_checkpoint(path)["deployment"]["fit_lookups"] is True
+
+    def bits(**given):
+        _, _, qm, report = compile_checkpoint(CompileOptions(checkpoint=str(path), data_dir=str(tiny_data_dir), n_calib=40, **given))
+        return report["settings"]["fit_lookups"], max(r["bits"] for r in lookup_reads(qm.fhe_circuit))
+
+    assert bits() == (True, 4)
+    assert bits(fit_lookups=False) == (False, 5)
+    p_error_search.main(args + ["--no-fit-lookups", "--write", "--json", str(tmp_path / "plain.json")])
+    assert bits() == (False, 5)
+    ckpt = read_checkpoint(path)
+    del ckpt["deployment"]["fit_lookups"]
+    torch.save(ckpt, path)
+    assert bits() == (False, 5)
 
 
 def test_infer_vl_on_tiny_data(tiny_checkpoint, tiny_data_dir, tmp_path):
@@ -345,6 +376,8 @@ def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_
         m.setattr(p_error_search, "compile_model", compile_model)
         with pytest.raises(UserError, match="--n-images 20 there"):
             p_error_search.main(again + ["--n-images", "10"])
+        with pytest.raises(UserError, match="--fit-lookups False there"):
+            p_error_search.main(again + ["--fit-lookups"])
     earlier["reference_top1"] = ref - 0.05
     (tmp_path / "earlier.json").write_text(json.dumps(earlier))
     (tmp_path / "again.json").unlink()
