@@ -66,6 +66,7 @@ SETTINGS = {
     "fast10g_h256_2x80_kdw": {},  # fast10g_h256_kdw trained through a second 80-epoch cycle (make training's step 11)
     "fast10g_c128": {},  # fast10g from half the encrypted inputs (a clear conv of 128 channels; models.py), untrained: its costs alone
     "fast10g_c128_kdw": {},  # fast10g_c128 distilled from resnet_w with fast10g_e80_kdw's 80 epochs (make training's step 12)
+    "fast10g_c128_2x80_kdw": {},  # fast10g_c128_kdw trained through a second 80-epoch cycle (make training's step 13)
     "fast10g_c128_h256": {},  # the same with a hidden linear of 256, untrained
     # "fit_lookups": lookups that would read more bits than rounding_bits drop the excess
     # (fhe.fit_lookups_to_rounding): untrained layouts screened as trained ones compile
