@@ -69,7 +69,7 @@ SETTINGS = {
     "fast10g_c128_2x80_kdw": {},  # fast10g_c128_kdw trained through a second 80-epoch cycle (make training's step 13)
     "fast10g_c128_h256": {},  # the same with a hidden linear of 256, untrained
     # "fit_lookups": lookups that would read more bits than rounding_bits drop the excess
-    # (fhe.fit_lookups_to_rounding): untrained layouts screened as trained ones compile
+    # (fhe.CompileOptions.fit_lookups), here for an untrained layout; a trained one stores it
     "fast10g_c128_fit": {"model": "fast10g_c128", "fit_lookups": True},
     "accurate": {},  # the 4,746-lookup layout (models.py) untrained: its costs alone (trained: accurate_kdw)
     "accurate60": {},  # the 4,106-lookup candidate for the 60 s target (models.py), untrained: its costs alone

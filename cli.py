@@ -43,7 +43,7 @@ def parse_config(cls, argv, description: str, prog: str | None = None):
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         ftype = f.type if isinstance(f.type, type) else eval(f.type, {"Path": Path})  # "int | None" etc.
-        if ftype is bool or _scalar_type(ftype) is bool:  # bool, or bool | None (None: a default filled in later)
+        if _scalar_type(ftype) is bool:  # bool, or bool | None (None: a default filled in later)
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = _scalar_type(ftype)
@@ -53,7 +53,7 @@ def parse_config(cls, argv, description: str, prog: str | None = None):
 
 
 def _scalar_type(t):
-    if t in (int, float, str):
+    if t in (int, float, str, bool):
         return t
     args = [a for a in getattr(t, "__args__", ()) if a is not type(None)]
     return args[0] if args else str

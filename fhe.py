@@ -30,8 +30,8 @@ ROUNDING_BITS = range(2, 9)
 
 @dataclass
 class CompileOptions:
-    """Options shared by the scripts that compile the encrypted part. p_error and rounding
-    default to the settings stored in the checkpoint (its `deployment` block); the scripts
+    """Options shared by the scripts that compile the encrypted part. p_error, rounding and
+    fit_lookups default to the settings stored in the checkpoint (its `deployment` block); the scripts
     fill them in (resolve_settings) so that every result file records what was used."""
 
     checkpoint: str = opt(DEFAULT_CHECKPOINT, "trained checkpoint (.pt) to compile")
