@@ -39,7 +39,7 @@ class CompileOptions:
     global_p_error: float | None = opt(None, "error probability of the whole circuit (not with --p-error)")
     rounding_bits: int | None = opt(None, "round accumulators to N bits (2 to 8) before each table lookup; 0: no rounding (default: the checkpoint's deployed setting)")
     rounding_method: str | None = opt(None, "Concrete ML rounding method (default: the checkpoint's deployed one)", choices=["approximate", "exact"])
-    fit_lookups: bool | None = opt(None, "where a compiled lookup reads more bits than --rounding-bits, its layer drops the excess low bits and the circuit compiles again (fhe.fit_lookups_to_rounding) (default: the checkpoint's deployed setting, off where it stores none)")
+    fit_lookups: bool | None = opt(None, "where a compiled lookup reads more bits than --rounding-bits, its layer drops the excess low bits and the circuit compiles again (fhe.fit_lookups_to_rounding) (default: the checkpoint's deployed setting; off where it stores none, and with --rounding-bits 0)")
     n_calib: int = opt(500, "calibration images: the first N training images")
     verbose: bool = opt(False, "print the Concrete optimizer's output")
     data_dir: str | None = opt(None, "CIFAR-10 location (default: $CIFAR10_DIR, else ./data)")
@@ -64,6 +64,8 @@ def check_compile_options(o) -> None:
         raise UserError(f"--rounding-bits must be 0 (no rounding) or {ROUNDING_BITS.start} to {ROUNDING_BITS.stop - 1} (what Concrete ML accepts), got {o.rounding_bits}")
     if o.n_calib < 1:
         raise UserError("--n-calib must be >= 1")
+    if o.fit_lookups and o.rounding_bits == 0:
+        raise UserError("--fit-lookups fits each lookup to --rounding-bits: with --rounding-bits 0 (no rounding) there is no width to fit to")
 
 
 # The CompileOptions fields that change the compiled circuit, as results record them.
@@ -85,8 +87,9 @@ def resolve_settings(o, ckpt: dict, p_error: bool = True) -> dict:
             o.rounding_bits = int(d["rounding_bits"])
         if o.rounding_method is None:
             o.rounding_method = d["rounding_method"]
-    if o.fit_lookups is None:  # needs no deployment block: absent, it is off
-        o.fit_lookups = bool((ckpt.get("deployment") or {}).get("fit_lookups", SETTING_ABSENT["fit_lookups"]))
+    if o.fit_lookups is None:  # needs no deployment block: absent, it is off; without rounding, nothing to fit
+        stored = (ckpt.get("deployment") or {}).get("fit_lookups", SETTING_ABSENT["fit_lookups"])
+        o.fit_lookups = bool(stored) and o.rounding_bits != 0
     check_compile_options(o)
     return {k: getattr(o, k) for k in SETTING_KEYS}
 

@@ -68,6 +68,7 @@ def bad_cases(a_file, tmp_path):
         (infer_vl, ["--rounding-method", "floor"], "invalid choice"),
         (infer_vl, ["--rounding-bits", "1"], "--rounding-bits must be 0"),
         (infer_vl, ["--rounding-bits", "9"], "--rounding-bits must be 0"),
+        (infer_vl, ["--rounding-bits", "0", "--fit-lookups"], "no width to fit to"),
         (infer_vl, ["--json", f"{a_file}/r.json"], "is a file, not a folder"),
         (infer_vl, ["--repeats", "0"], "--repeats"),
         (fhe_inference, ["--n-images", "-3"], "--n-images"),

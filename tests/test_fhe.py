@@ -110,6 +110,19 @@ def test_fitting_the_lookups_to_the_rounding_bits(tiny_checkpoint, tiny_data_dir
     assert (quantized_logits(qm, feats, "simulate").argmax(1) == disable.argmax(1)).mean() >= 0.9
 
 
+def test_without_rounding_there_is_nothing_to_fit():
+    """A deployed fit is dropped (and recorded as off) where --rounding-bits 0 turns rounding
+    off; asking for a fit without rounding, on the command line or through the checkpoint's
+    rounding, is refused."""
+    from fhe import resolve_settings
+
+    deployed = {"p_error": 0.05, "rounding_bits": 6, "rounding_method": "approximate", "fit_lookups": True}
+    assert resolve_settings(CompileOptions(checkpoint="m.pt"), {"deployment": deployed})["fit_lookups"] is True
+    assert resolve_settings(CompileOptions(checkpoint="m.pt", rounding_bits=0), {"deployment": deployed})["fit_lookups"] is False
+    with pytest.raises(UserError, match="no width to fit to"):
+        resolve_settings(CompileOptions(checkpoint="m.pt", fit_lookups=True), {"deployment": {**deployed, "rounding_bits": 0}})
+
+
 def test_a_searched_fit_is_stored_and_followed(tiny_checkpoint, tiny_data_dir, tmp_path):
     """p_error_search --fit-lookups --write stores the fit in the checkpoint's deployment; a
     compile that gives no --fit-lookups follows it, --no-fit-lookups overrides it, and a
