@@ -258,12 +258,17 @@ def lookup_reads(circuit) -> list[dict]:
     return rows
 
 
+_WIDE_WARNED: set = set()  # (lookups, bits, rounding) already warned about in this process
+
+
 def warn_if_wide_lookups(reads: list[dict], rounding_bits: int | None) -> None:
-    """Say so when lookups read more bits than --rounding-bits asked for (see lookup_reads)."""
+    """Say so when lookups read more bits than --rounding-bits asked for (see lookup_reads);
+    once per process for the same circuit's reads (a p_error search compiles it many times)."""
     wide = [r for r in reads if rounding_bits and r["bits"] > rounding_bits]
-    if wide:
-        n = sum(r["lookups"] for r in wide)
-        bits = ", ".join(sorted({str(r["bits"]) for r in wide}))
+    n = sum(r["lookups"] for r in wide)
+    bits = ", ".join(sorted({str(r["bits"]) for r in wide}))
+    if wide and (n, bits, rounding_bits) not in _WIDE_WARNED:
+        _WIDE_WARNED.add((n, bits, rounding_bits))
         print(f"warning: {n:,} lookups read {bits} bits, more than --rounding-bits {rounding_bits}: Concrete ML sets "
               f"the bits to drop before a lookup from its own calibration of the accumulator, which can be narrower "
               f"than the compiled one; each extra bit doubles their polynomial size (--fit-lookups "

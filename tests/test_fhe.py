@@ -84,7 +84,9 @@ def test_lookup_reads_subtract_the_rounded_bits():
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):
         warn_if_wide_lookups(reads, 5)  # an unrounded lookup wider than asked counts too
+        warn_if_wide_lookups(reads, 5)  # the same reads again (the next compile of a search): said once
     assert buf.getvalue().startswith("warning: 5 lookups read 6, 7 bits, more than --rounding-bits 5:")
+    assert buf.getvalue().count("warning:") == 1
 
 
 def test_fitting_the_lookups_to_the_rounding_bits(tiny_checkpoint, tiny_data_dir):
