@@ -169,6 +169,24 @@ def test_init_of_a_float_teacher_needs_its_own_config(tmp_path):
         train.load_init(TeacherNet(dataclasses.replace(TEACHERS["resnet"])), str(tmp_path / "t.pt"))
 
 
+def test_traced_teacher_gives_the_eager_teachers_logits():
+    """The frozen graph a float32 distillation runs (batch norms folded in) gives the eager
+    teacher's logits in eval mode, at a batch size other than the one it was traced with."""
+    torch.manual_seed(0)
+    teacher = TeacherNet(dataclasses.replace(TEACHERS["resnet_tiny"]))
+    for m in teacher.modules():  # running statistics far from the initial (0, 1), so that folding them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    teacher.eval()
+    traced = train.traced_teacher(teacher)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), teacher(x), rtol=1e-4, atol=1e-4)
+
+
 def test_make_training_resumes_each_run_and_evaluates_each_student(tmp_path):
     """`make training` (the background queue of long runs) passes --resume to exactly the
     train.py runs whose training state exists, so that running it again after an interruption
