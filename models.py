@@ -248,6 +248,18 @@ class TeacherNet(nn.Module):
         return self.layers(x)
 
 
+def traced_teacher(teacher: TeacherNet) -> torch.jit.ScriptModule:
+    """The eval-mode teacher traced and frozen for inference (torch.jit.freeze,
+    optimize_for_inference: batch norms folded into the convolutions), for float32 runs: its
+    forward pass, nearly half of a distillation step, takes about a quarter less time on CPU;
+    its logits equal the eager teacher's to float rounding. --bf16 keeps the eager teacher,
+    whose autocast a frozen graph would not follow."""
+    c = teacher.cfg
+    example = torch.zeros(2, c.in_channels, c.image_size, c.image_size)
+    with torch.no_grad():
+        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(teacher.eval(), example)))
+
+
 TEACHERS = {
     "resnet": TeacherConfig(),
     # twice resnet's width (four times its compute): for a teacher above the 0.86 the accurate

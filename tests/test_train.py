@@ -12,7 +12,7 @@ import torch
 import train
 from checkpoints import load_checkpoint, save_checkpoint
 from cli import UserError
-from models import TEACHERS, TINY, SplitNet, TeacherNet
+from models import TEACHERS, TINY, SplitNet, TeacherNet, traced_teacher
 from provenance import hardware
 
 
@@ -181,7 +181,7 @@ def test_traced_teacher_gives_the_eager_teachers_logits():
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.5, 0.5)
     teacher.eval()
-    traced = train.traced_teacher(teacher)
+    traced = traced_teacher(teacher)
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), teacher(x), rtol=1e-4, atol=1e-4)
@@ -293,3 +293,26 @@ def test_bf16_is_dropped_with_a_note_on_a_cpu_without_bfloat16_kernels(tmp_path,
     assert all(torch.equal(plain["model"][k], bf["model"][k]) for k in plain["model"])
     assert "--bf16 ignored" in (tmp_path / "bf.log").read_text()
     assert "--bf16 ignored" not in (tmp_path / "plain.log").read_text()
+
+
+def test_train_step_timing_tool_times_the_four_setups(tmp_path, capsys, monkeypatch):
+    """tools/train_step_timing.py: a row for each of the eager and traced teacher with each
+    memory format of the clear layer, the command and hardware in its JSON; a missing teacher
+    or a bad count is refused before any model is built."""
+    import json
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    import train_step_timing as tool
+
+    save_checkpoint(tmp_path / "t.pt", TeacherNet(dataclasses.replace(TEACHERS["resnet_tiny"])), kind="teacher")
+    out = tmp_path / "timing.json"
+    rows = tool.main(["--model", "tiny", "--teacher", str(tmp_path / "t.pt"), "--batch-size", "4", "--steps", "2", "--threads", "1", "--json", str(out)])
+    assert [(r["traced_teacher"], r["channels_last"]) for r in rows] == [(False, False), (True, False), (False, True), (True, True)]
+    assert all(len(r["seconds"]) == 2 and r["seconds_per_step"] > 0 for r in rows) and rows[0]["vs_eager"] == 1
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and saved["config"]["model"] == "tiny" and saved["command"] and saved["hardware"]["cpu"]
+    assert "traced teacher" in capsys.readouterr().out
+    monkeypatch.setattr(tool, "CONFIGS", None)  # building a model now would fail
+    for bad in (["--teacher", str(tmp_path / "none.pt")], ["--teacher", str(tmp_path / "t.pt"), "--steps", "0"]):
+        with pytest.raises(UserError):
+            tool.main(bad)
