@@ -265,7 +265,8 @@ def train(cfg: TrainConfig) -> dict:
 
     steps_per_epoch = len(train_dl) if cfg.max_steps is None else min(cfg.max_steps, len(train_dl))
     total = cfg.epochs * steps_per_epoch
-    if not is_teacher:  # its 32 x 32 conv, batch norm and pooling, most of a step, take about a third less time in NHWC on CPU
+    if not is_teacher:  # its full-resolution conv, batch norm and pooling run faster in NHWC on CPU: with the traced
+        # teacher, a quarter less time per step (tools/train_step_timing.py, RESULTS.md "Training speed in float32")
         model.clear.to(memory_format=torch.channels_last)
     opt_ = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = steps_per_epoch
