@@ -162,7 +162,7 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         row["fhe_s_median"] = float(np.median(row["fhe_s_measured"]))
     row["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     row["cores"] = len(os.sched_getaffinity(0))  # the FHE run (and the per-PBS costs) used all of them
-    row["cpu"] = hardware()["cpu"]
+    row["cpu"], row["cpu_features"] = hardware()["cpu"], hardware()["cpu_features"]
     return row
 
 
@@ -203,8 +203,8 @@ def main(argv=None) -> list[dict] | dict:
         for path in cfg.from_json.split(","):
             saved = json.loads(Path(path).read_text())
             for r in saved["rows"]:  # files written before rows carried their cores and CPU: the run's machine
-                r.setdefault("cores", saved.get("hardware", {}).get("cores"))
-                r.setdefault("cpu", saved.get("hardware", {}).get("cpu"))
+                for key in ("cores", "cpu", "cpu_features"):
+                    r.setdefault(key, saved.get("hardware", {}).get(key))
                 by_config[r["config"]] = r
         rows = list(by_config.values())
         show(rows, cfg.plot)

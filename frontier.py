@@ -23,8 +23,12 @@ def seconds(row) -> float | None:
 
 
 def machine(row) -> str:
-    """The CPU a row was measured on, short ("Intel(R) Xeon(R) Processor" -> "Intel Xeon"), and its cores."""
+    """The CPU a row was measured on, short ("Intel(R) Xeon(R) Processor" -> "Intel Xeon"), with
+    "AVX-512" where the row records it (two CPUs both named "AMD EPYC" differed by it, and by a
+    fifth in FHE seconds), and its cores."""
     cpu = " ".join(w for w in (row.get("cpu") or "unknown CPU").replace("(R)", "").replace("(TM)", "").split() if w != "Processor")
+    if "avx512f" in (row.get("cpu_features") or []):
+        cpu += " AVX-512"
     return f"{cpu}, {row['cores']} cores" if row.get("cores") else cpu
 
 

@@ -680,6 +680,7 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     assert f"{row['fhe_s_median'] * row['cores']:,.0f}" in printed.split("core-seconds / image")[1].splitlines()[0]
     front = [l for l in printed.split("frontier")[1].splitlines()[2:] if l.startswith("  ")]
     assert row["cpu"] == hardware()["cpu"] and row["cores"] == len(os.sched_getaffinity(0))
+    assert row["cpu_features"] == hardware()["cpu_features"]
     assert [l.split()[0] for l in front if f"({frontier.machine(row)})" in l] == ["tiny"]
     assert sum("published" in l for l in front) == len(frontier.PUBLISHED)
     secs = [float(l.split()[-3].replace(",", "")) for l in front]
@@ -694,19 +695,30 @@ def test_benchmark_frontier_on_the_tiny_model(tiny_checkpoint, tiny_data_dir, tm
     both = benchmark.main(["--from-json", f"{out},{other}", "--plot", str(plot)])
     assert [(r["config"], r["n_images"]) for r in both] == [("tiny", 20), ("tiny_again", 7)]
     # a file from before rows carried their CPU: its rows are labelled with the file's machine, not this one
-    old = {**json.loads(out.read_text()), "hardware": {"cpu": "Intel(R) Xeon(R) Processor", "cores": 16}}
-    old["rows"] = [{k: v for k, v in row.items() if k not in ("cpu", "cores")} | {"config": "tiny_old"}]
+    old = {**json.loads(out.read_text()), "hardware": {"cpu": "Intel(R) Xeon(R) Processor", "cores": 16, "cpu_features": ["avx2", "avx512f"]}}
+    old["rows"] = [{k: v for k, v in row.items() if k not in ("cpu", "cores", "cpu_features")} | {"config": "tiny_old"}]
     (tmp_path / "old.json").write_text(json.dumps(old))
     capfd.readouterr()
     benchmark.main(["--from-json", f"{out},{tmp_path / 'old.json'}", "--plot", str(plot)])
     front = capfd.readouterr().out.split("frontier")[1]
-    assert "tiny_old (Intel Xeon, 16 cores)" in front and f"tiny ({frontier.machine(row)})" in front
+    assert "tiny_old (Intel Xeon AVX-512, 16 cores)" in front and f"tiny ({frontier.machine(row)})" in front
     rerun = tmp_path / "rerun.json"  # the same config measured again: the later file's row replaces it
     rerun.write_text(json.dumps({**json.loads(out.read_text()), "rows": [{**row, "n_images": 9}]}))
     assert [(r["config"], r["n_images"]) for r in benchmark.main(["--from-json", f"{out},{other},{rerun}", "--plot", str(plot)])] == [
         ("tiny", 9), ("tiny_again", 7)]
     with pytest.raises(UserError, match="no such file"):
         benchmark.main(["--from-json", str(tmp_path / "none.json")])
+
+
+def test_frontier_names_avx512_apart_from_cpus_of_the_same_name():
+    """Two "AMD EPYC" machines here differed by AVX-512 and by a fifth in FHE seconds: their rows
+    get different labels (and colours); a row that recorded no instruction sets keeps the name alone."""
+    import frontier
+
+    row = {"cpu": "AMD EPYC", "cores": 2}
+    assert frontier.machine(row) == "AMD EPYC, 2 cores"
+    assert frontier.machine({**row, "cpu_features": ["avx2"]}) == "AMD EPYC, 2 cores"
+    assert frontier.machine({**row, "cpu_features": ["avx2", "avx512f", "avx512_bf16"]}) == "AMD EPYC AVX-512, 2 cores"
 
 
 def test_frontier_input_columns_read_rows_from_before_the_reading_term():
