@@ -219,9 +219,10 @@ def test_make_training_resumes_each_run_and_evaluates_each_student(tmp_path):
         after = lines[lines.index(line) + 1:]
         search = next(i for i, l in enumerate(after) if "p_error_search.py" in l)
         assert f"--checkpoint {out}" in after[search] and "--write" in after[search]
-        capped = out.stem in {"fast10g_h256_2x80_kdw", "fast10g_c128_2x80_kdw"}  # deployed at no more than the shipped fast model's cost
-        assert ("--max-complexity 6.06e10" in after[search]) == capped, after[search]
-        assert ("--fit-lookups" in after[search]) == (out.stem in {"fast10g_c128_kdw", "fast10g_c128_2x80_kdw"}), after[search]
+        fitted = {"fast10g_c128_kdw", "fast10g_c128_2x80_kdw", "fast10g_c128_h256_kdw", "fast10g_c128_h256_2x80_kdw"}
+        capped = {"fast10g_h256_2x80_kdw"} | fitted - {"fast10g_c128_kdw"}  # deployed at no more than the shipped fast model's cost
+        assert ("--max-complexity 6.06e10" in after[search]) == (out.stem in capped), after[search]
+        assert ("--fit-lookups" in after[search]) == (out.stem in fitted), after[search]
         bench = next(l for l in after[search:] if "benchmark.py" in l)
         assert f"--configs {out.stem}" in bench and f"--checkpoint-dir {tmp_path}" in bench and out.stem in benchmark.SETTINGS
     for line in runs(lines):
