@@ -164,7 +164,8 @@ def bench_one(name: str, cfg: BenchConfig) -> dict:
         row["fhe_s_median"] = float(np.median(row["fhe_s_measured"]))
     row["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     row["cores"] = len(os.sched_getaffinity(0))  # the FHE run (and the per-PBS costs) used all of them
-    row["cpu"], row["cpu_features"] = hardware()["cpu"], hardware()["cpu_features"]
+    hw = hardware()
+    row["cpu"], row["cpu_features"] = hw["cpu"], hw["cpu_features"]
     return row
 
 
