@@ -8,8 +8,10 @@ stays within --tolerance of the clear quantized model (fhe="disable", same image
 reruns the simulation --n-validation times at that value and reports the mean and the
 maximum accuracy drop. The bisection judges each value on --n-sim draws only, so a lucky draw
 can pass a value that loses more: when the validation's mean drop exceeds --tolerance, the
-next smaller value that passed the bisection is validated in turn, until one holds (none
-holding is an error). Writes a JSON (value, search trace, validations) and a plot.
+next smaller value that passed the bisection is validated in turn, until one holds. When none
+holds (all the bisection passed was, say, --upper itself), it bisects again from one step below
+the smallest value validated, and validates what passes there, up to REBISECTIONS times (none
+holding then is an error). Writes a JSON (value, search trace, validations) and a plot.
 
     python p_error_search.py --checkpoint checkpoints/fast_kd.pt --from-search results/p_error_search_fast_kd.json
 
@@ -170,6 +172,33 @@ def validate_down(drops_at, trace, tolerance: float):
         if tried[-1]["mean_drop"] is None or within(tried[-1]["mean_drop"], tolerance):
             return p, tried
     return None, tried
+
+
+# Bisections again below the values that failed their validation, at most (validate_rebisecting)
+REBISECTIONS = 3
+
+
+def validate_rebisecting(drops_at, bisect_below, trace, tolerance: float, lower: float, rounds: int = REBISECTIONS):
+    """validate_down, and when no passing value holds, bisect_below(upper) (a bisection: (best p or
+    None, its trace)) from one SLACK_STEP below the smallest value validated, whose passes are
+    validated in turn; up to `rounds` times. The few draws of a bisection can pass a value that
+    loses more over many, and then every value it tried below was a pass too, or never tried:
+    the largest that holds lies below what failed, where the first bisection did not look.
+    Returns (p or None when none holds, every bisection's trace, every validation in order)."""
+    chosen, validations = validate_down(drops_at, trace, tolerance)
+    for _ in range(rounds):
+        if chosen is not None or not validations:
+            break
+        upper = min(v["p_error"] for v in validations) * SLACK_STEP
+        if upper <= lower:
+            break
+        best, more = bisect_below(upper)
+        trace = trace + more
+        if best is None:
+            break
+        chosen, tried = validate_down(drops_at, more, tolerance)
+        validations += tried
+    return chosen, trace, validations
 
 
 def estimated_seconds(circuit, p: float) -> float:
@@ -338,10 +367,21 @@ def main(argv=None) -> dict:
         if largest is not None and cost(largest) > cap:  # raised to the cap whatever it loses: validated there, not here
             chosen, validations = largest, []
         else:
-            chosen, validations = validate_down(drops_at, trace, cfg.tolerance)
+            def bisect_below(upper):
+                nonlocal bar
+                print(f"no value that passed holds its validation: bisecting again below, from p_error {upper:.4g}")
+                bar = tqdm(total=cfg.max_iter + 2, desc="p_error search again", leave=False)
+                again = bisect_log(accuracy_at, reference, cfg.tolerance, cfg.lower, upper, cfg.max_iter)
+                bar.close()
+                return again
+
+            # a reused bisection is only validated (--from-search): no new one
+            chosen, trace, validations = validate_rebisecting(drops_at, bisect_below, trace, cfg.tolerance, cfg.lower,
+                                                              rounds=0 if earlier else REBISECTIONS)
         if chosen is None:
-            raise UserError(f"no p_error that passed the bisection holds --tolerance {cfg.tolerance} over {cfg.n_validation} validation "
-                            f"simulations (mean drops {[round(v['mean_drop'], 4) for v in validations]}): raise --tolerance")
+            raise UserError("no p_error that passed the bisection" + ("" if earlier else "s") + f" holds --tolerance {cfg.tolerance} over "
+                            f"{cfg.n_validation} validation simulations (mean drops {[round(v['mean_drop'], 4) for v in validations]}): "
+                            "raise --tolerance" + (", or bisect anew without --from-search" if earlier else " or lower --lower"))
 
         def show(walk, over: str) -> None:
             for w in walk:

@@ -21,7 +21,7 @@ from cli import UserError
 from conftest import SHARED, TINY_G2, needs_dataset
 from fhe import CompileOptions, clear_features, compile_checkpoint, compile_options, evaluate, quantized_logits
 from models import TINY, conv_out
-from p_error_search import SLACK_STEP, bisect_log, lower_within_cost, raise_within_cost, validate_down
+from p_error_search import SLACK_STEP, bisect_log, lower_within_cost, raise_within_cost, validate_down, validate_rebisecting
 from provenance import hardware
 
 # A very small p_error (over the ~450 PBS of the tiny circuit an error is ~1e-6 likely) and
@@ -284,6 +284,52 @@ def test_validation_steps_down_past_a_lucky_pass():
     assert bisect_log(lambda p: 0.841, 0.851, 0.01, 1e-6, 0.5, 5)[0] == 0.5
 
 
+def test_a_lucky_upper_is_bisected_again_below():
+    """Step 11's search: --upper 0.5 passed its 2 draws, so the bisection tried nothing lower, and
+    0.5 failed its 20-draw validation. The true drop grows past the tolerance above 0.3: a new
+    bisection from one step below 0.5 (on draws that are right) finds the largest value under 0.3,
+    which holds its validation."""
+    threshold = 0.3
+
+    def true_drop(p):
+        return 0.004 if p <= threshold else 0.02
+
+    def accuracy_at(p):  # after the lucky first draw, the draws show the true drop
+        return 0.90 - (0.0 if p == 0.5 else true_drop(p))
+
+    uppers, tried = [], []
+
+    def bisect_below(upper):
+        uppers.append(upper)
+        return bisect_log(accuracy_at, 0.90, 0.01, 1e-6, upper, max_iter=10)
+
+    def drops_at(p):
+        tried.append(p)
+        return [true_drop(p)] * 20
+
+    first = bisect_log(accuracy_at, 0.90, 0.01, 1e-6, 0.5, max_iter=10)
+    assert first[0] == 0.5 and len(first[1]) == 1  # nothing below was looked at
+    chosen, trace, validations = validate_rebisecting(drops_at, bisect_below, first[1], tolerance=0.01, lower=1e-6)
+    assert uppers == [pytest.approx(0.5 * SLACK_STEP)] and tried[0] == 0.5
+    assert threshold / 1.01 < chosen <= threshold and tried[-1] == chosen
+    assert [v["p_error"] for v in validations] == tried and len(trace) > len(first[1])
+    assert within_tolerance(validations[-1]) and not within_tolerance(validations[0])
+    # off (rounds=0, as with --from-search) or nothing holding anywhere: none, after at most the rounds allowed
+    assert validate_rebisecting(drops_at, bisect_below, first[1], 0.01, 1e-6, rounds=0)[0] is None
+    lucky = []  # every bisection passes its --upper by luck, every validation fails
+
+    def lucky_below(upper):
+        lucky.append(upper)
+        return bisect_log(lambda p: 0.90, 0.90, 0.01, 1e-6, upper, max_iter=10)
+
+    assert validate_rebisecting(lambda p: [0.05], lucky_below, first[1], 0.01, 1e-6, rounds=3)[0] is None
+    assert lucky == pytest.approx([0.5 * SLACK_STEP ** k for k in (1, 2, 3)])
+
+
+def within_tolerance(validation, tolerance=0.01):
+    return validation["mean_drop"] <= tolerance
+
+
 def test_cost_slack_walks_down_while_the_cost_holds():
     """Flat complexity down to 0.05, 5 % more down to 0.01 (a few more LWE dimensions), then a
     level up: a 10 % slack keeps the last step above 0.01, a 1 % slack the last above 0.05."""
@@ -322,6 +368,24 @@ def test_max_complexity_raises_p_error_to_the_smallest_value_within_the_cap():
         return complexity(p) * (1.01 if p < 0.09 else 1)
 
     assert lower_within_cost(flatter, 0.1, 0.1, 1e-6)[0] < 0.09 and lower_within_cost(flatter, 0.1, 0.1, 1e-6, cap=1.005)[0] == 0.1
+
+
+def test_a_search_whose_only_pass_fails_validation_bisects_again(tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch):
+    """The search's own wiring of the re-bisection, on the tiny circuit with scripted accuracies:
+    --upper passes its one draw, loses 0.1 in both validation draws, and the search bisects again
+    from one step below, where the value passes and holds (as step 11's search should have)."""
+    import p_error_search
+
+    scripted = iter([0.9,  # fhe="disable": the reference
+                     0.9, 0.8, 0.8,  # --upper's draw, then its validation
+                     0.9, 0.9, 0.9])  # one step below: its draw and its validation
+    monkeypatch.setattr(p_error_search, "simulate_top1", lambda *a, **k: next(scripted))
+    r = p_error_search.main(["--checkpoint", str(tiny_checkpoint), "--data-dir", str(tiny_data_dir), "--rounding-bits", "4",
+                             "--rounding-method", "exact", "--n-calib", "40", "--n-images", "20", "--upper", "0.5", "--n-sim", "1",
+                             "--n-validation", "2", "--tolerance", "0.05", "--json", str(tmp_path / "again.json")])
+    assert r["p_error"] == pytest.approx(0.5 * p_error_search.SLACK_STEP) and next(scripted, None) is None
+    assert [(t["p_error"], t["within_tolerance"]) for t in r["trace"]] == [(0.5, True), (pytest.approx(r["p_error"]), True)]
+    assert [v["mean_drop"] for v in r["validations"]] == [pytest.approx(0.1), pytest.approx(0.0)]
 
 
 def test_a_search_revalidated_from_its_json(tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch):
