@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed
 
-# The main job on the default model (no --checkpoint: checkpoints.DEFAULT_CHECKPOINT, fast_e80_kdw.pt):
+# The main job on the default model (no --checkpoint: checkpoints.DEFAULT_CHECKPOINT, fast10g_h256_2x80_kdw.pt):
 # torch accuracy, then 3 test images through real FHE beside their simulated and torch predictions
 run: install
 	$(PY) infer_torch.py

@@ -58,12 +58,12 @@ SETTINGS = {
     "accurate60_kdw": {},
     "fast_a4_kdw": {},
     "accurate_kdw": {},
-    "fast_e80_kdw": {},  # fast_kdw's run with 80 epochs; shipped, the default (its p_error searched at fast_kd's tolerance)
+    "fast_e80_kdw": {},  # fast_kdw's run with 80 epochs; shipped, the default until 7 December (its p_error searched at fast_kd's tolerance)
     "fast10g_e80_kdw": {},  # fast10g_kd's layout with fast_e80_kdw's 80 epochs; shipped (p_error searched at tolerance 0.01)
     "fast10g_2x80_kdw": {},  # fast10g_e80_kdw trained through a second 80-epoch cycle; shipped (tolerance 0.01), the fast end until 7 December
     "fast10g_h256": {},  # fast10g with a hidden linear of 256 (models.py), untrained: its costs alone
     "fast10g_h256_kdw": {},  # fast10g_h256 distilled from resnet_w with fast10g_e80_kdw's 80 epochs
-    "fast10g_h256_2x80_kdw": {},  # fast10g_h256_kdw trained through a second 80-epoch cycle (make training's step 11)
+    "fast10g_h256_2x80_kdw": {},  # fast10g_h256_kdw trained through a second 80-epoch cycle (make training's step 11); shipped, the default
     "fast10g_c128": {},  # fast10g from half the encrypted inputs (a clear conv of 128 channels; models.py), untrained: its costs alone
     "fast10g_c128_kdw": {},  # fast10g_c128 distilled from resnet_w with fast10g_e80_kdw's 80 epochs (make training's step 12)
     "fast10g_c128_2x80_kdw": {},  # fast10g_c128_kdw trained through a second 80-epoch cycle (make training's step 13); shipped, the fast end
@@ -82,7 +82,7 @@ SETTINGS = {
 @dataclass
 class BenchConfig:
     configs: str = opt("reference,reference_r6,fast,fast_kd,fast_e80_kdw,fast10,fast10w,fast10w_r5,fast10g_kd,fast10g_e80_kdw,fast10g_2x80_kdw,"
-                       "fast10g_c128_2x80_kdw",
+                       "fast10g_c128_2x80_kdw,fast10g_h256_2x80_kdw",
                        "comma-separated configs to benchmark (see SETTINGS in benchmark.py); the default: every shipped model")
     checkpoint_dir: str = opt("checkpoints", "folder holding <config>.pt")
     n_images: int = opt(1000, "test images for the torch / simulation top-1")

@@ -9,7 +9,7 @@ from pathlib import Path
 from cli import UserError
 from provenance import atomic_write, versions
 
-DEFAULT_CHECKPOINT = "checkpoints/fast_e80_kdw.pt"  # fast's layout distilled from checkpoints/resnet_w.pt for 80 epochs (RESULTS.md, "Against the targets")
+DEFAULT_CHECKPOINT = "checkpoints/fast10g_h256_2x80_kdw.pt"  # fast10g_h256 distilled from checkpoints/resnet_w.pt in two 80-epoch cycles (RESULTS.md, "Against the targets")
 # The FHE settings a freshly trained model starts with, until `p_error_search.py --write`
 # stores the p_error it finds (0.05: what the published reference's search found).
 INITIAL_DEPLOYMENT = {"p_error": 0.05, "rounding_bits": 6, "rounding_method": "approximate", "source": "train.py default, not searched"}

@@ -4,6 +4,8 @@ the project's functions give on the same images."""
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -53,8 +55,10 @@ def test_notebook_walks_through_the_default_model():
 
 
 def test_notebooks_full_mode_trains_the_default_models_recipe(monkeypatch):
-    """In full mode the notebook's training cell runs the command the shipped default was trained
-    with (its checkpoint's train_config): the same layout, schedule, teacher and precision."""
+    """In full mode the notebook's training cell runs the commands the shipped default was trained
+    with, cycle by cycle (its checkpoint's train_config, then that of the checkpoint it started
+    from, --init, and so on): the same layout, schedule, teacher and precision, each cycle from the
+    notebook's previous one."""
     import json
 
     import train
@@ -65,11 +69,22 @@ def test_notebooks_full_mode_trains_the_default_models_recipe(monkeypatch):
     monkeypatch.setenv("NOTEBOOK_MODE", "full")
     params = {}
     exec(next(c for c in cells if c.lstrip().startswith("import os")), params)  # the parameters cell
-    training = next(c for c in cells if "train.main(" in c)
-    model = re.search(r'train\.main\(\["--model", "(\w+)"', training).group(1)
-    argv = ["--model", model, "--teacher", params["TEACHER"], "--out", "unused.pt", *params["SETTINGS"]["train_args"]]
-    notebook = vars(parse_config(train.TrainConfig, argv, ""))
-    shipped = read_checkpoint(ROOT / DEFAULT_CHECKPOINT)["train_config"]
+    calls = []
+    recorder = type("Train", (), {"main": staticmethod(lambda argv: calls.append(argv))})
+    exec(next(c for c in cells if "train.main(" in c), {**params, "train": recorder, "Path": Path, "tempfile": tempfile})
+
+    chain = [read_checkpoint(ROOT / DEFAULT_CHECKPOINT)]  # the shipped cycles, last first
+    while chain[-1].get("init_from"):
+        chain.append(read_checkpoint(ROOT / chain[-1]["init_from"]["path"]))
+    assert len(calls) == len(chain) > 0
     recipe = ("model", "epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "val_size", "n_train", "seed",
-              "teacher", "distill_alpha", "distill_temperature", "init", "rounding_bits", "rounding_noise", "bf16", "accumulator_bits")
-    assert {k: notebook[k] for k in recipe} == {k: shipped[k] for k in recipe}
+              "teacher", "distill_alpha", "distill_temperature", "rounding_bits", "rounding_noise", "bf16", "accumulator_bits")
+    previous_out = None
+    for argv, shipped in zip(calls, reversed(chain)):
+        init = argv[argv.index("--init") + 1] if "--init" in argv else None
+        assert init == previous_out  # the first from random weights, each next from the one before
+        assert (shipped["train_config"]["init"] is None) == (init is None)
+        argv = [a for i, a in enumerate(argv) if "--init" not in argv[max(i - 1, 0):i + 1]]
+        notebook = vars(parse_config(train.TrainConfig, argv, ""))
+        assert {k: notebook[k] for k in recipe} == {k: shipped["train_config"][k] for k in recipe}
+        previous_out = notebook["out"]

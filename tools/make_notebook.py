@@ -32,10 +32,12 @@ MODE = os.environ.get("NOTEBOOK_MODE", "quick")  # "quick" or "full"
 SETTINGS = {
     "quick": dict(train_args=["--epochs", "1", "--max-steps", "5", "--n-train", "640", "--val-size", "500"],
                   n_eval=200, p_errors=[1e-3, 0.05, 0.3], rounding_bits=[4, 5, 6, 7]),
-    "full": dict(train_args=["--epochs", "80", "--label-smoothing", "0.1", "--bf16"],  # the shipped fast_e80_kdw's schedule
+    "full": dict(train_args=["--epochs", "80", "--label-smoothing", "0.1", "--bf16"],  # the shipped default's schedule, per cycle
                  n_eval=10_000, p_errors=[1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.3, 0.5], rounding_bits=[3, 4, 5, 6, 7, 8]),
 }[MODE]
-CHECKPOINT = "checkpoints/fast_e80_kdw.pt"  # the shipped default model; it stores its deployed p_error and rounding
+CHECKPOINT = "checkpoints/fast10g_h256_2x80_kdw.pt"  # the shipped default model; it stores its deployed p_error and rounding
+MODEL = "fast10g_h256"  # its layout (models.py)
+CYCLES = ["fast10g_h256_kdw", "fast10g_h256_2x80_kdw"]  # it was trained in two cycles, the second from the first's weights
 TEACHER = "checkpoints/resnet_w.pt"  # the shipped float teacher it was distilled from
 print(MODE, SETTINGS)
 """)
@@ -76,16 +78,19 @@ P_ERROR, ROUNDING_BITS = DEPLOYED["p_error"], DEPLOYED["rounding_bits"]
 print("deployed FHE settings:", DEPLOYED)
 """)
 
-md("## Training\nQuantization-aware training with Brevitas, distilled from a float teacher (the shipped residual network): the loss mixes the teacher's softened outputs with the labels. In quick mode this runs a few steps on a small subset, to show the loop (into a temporary folder); in full mode it trains for real into `runs/notebook/fast_e80_kdw.pt`, kept (rerun the cell to resume). The shipped checkpoint was trained with `python train.py --model fast --epochs 80 --label-smoothing 0.1 --teacher checkpoints/resnet_w.pt --bf16` (`make training`, RESULTS.md).")
+md("## Training\nQuantization-aware training with Brevitas, distilled from a float teacher (the shipped residual network): the loss mixes the teacher's softened outputs with the labels. The default model was trained in two cycles of 80 epochs, the second starting from the first's weights (`--init`): `python train.py --model fast10g_h256 --epochs 80 --label-smoothing 0.1 --teacher checkpoints/resnet_w.pt --bf16`, then the same with `--init` (`make training`, steps 10 and 11; RESULTS.md). In quick mode each cycle runs a few steps on a small subset, to show the loop (into a temporary folder); in full mode they train for real into `runs/notebook/`, kept (rerun the cell to resume).")
 code("""
-if MODE == "full":
-    out = "runs/notebook/fast_e80_kdw.pt"
-    resume = ["--resume"] if Path(out).with_suffix(".state.pt").exists() else []
-    result = train.main(["--model", "fast", "--teacher", TEACHER, "--workers", "0", "--out", out, *SETTINGS["train_args"], *resume])
-else:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train.main(["--model", "fast", "--teacher", TEACHER, "--workers", "0", "--out", f"{tmp}/demo.pt", *SETTINGS["train_args"]])
-history = ckpt["history"]
+with tempfile.TemporaryDirectory() as tmp:
+    out_dir = Path("runs/notebook" if MODE == "full" else tmp)
+    init = []
+    for cycle in CYCLES:
+        out = str(out_dir / f"{cycle}.pt")
+        resume = ["--resume"] if MODE == "full" and Path(out).with_suffix(".state.pt").exists() else []
+        result = train.main(["--model", MODEL, "--teacher", TEACHER, "--workers", "0", "--out", out, *SETTINGS["train_args"], *init, *resume])
+        init = ["--init", out]
+""")
+code("""
+history = ckpt["history"]  # the shipped checkpoint's second cycle
 plt.figure(figsize=(5, 3))
 plt.plot([h["epoch"] for h in history], [h["train_acc"] for h in history], label="train (augmented)")
 plt.plot([h["epoch"] for h in history], [h["val_acc"] for h in history], label="validation")
