@@ -136,10 +136,12 @@ def print_frontier(rows: list[dict]) -> None:
 
 
 # Where a model's name may go beside its point, in points from it: right, above right, below
-# right, then the same on the left; the first that stays inside the axes and overlaps no point
-# and no label placed before it wins.
+# right, then the same on the left, then one line higher on either side (clear of a neighbour's
+# marker just above); the first that stays inside the axes and overlaps no point and no label
+# placed before it wins.
 LABEL_PLACES = [((7, -3), "left"), ((6, 4), "left"), ((6, -11), "left"),
-                ((-7, -3), "right"), ((-6, 4), "right"), ((-6, -11), "right")]
+                ((-7, -3), "right"), ((-6, 4), "right"), ((-6, -11), "right"),
+                ((6, 11), "left"), ((-6, 11), "right")]
 
 
 def spread_labels(fig, ax, labels: list, fixed: list, points: list) -> None:

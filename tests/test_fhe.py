@@ -805,7 +805,7 @@ def test_frontier_counts_lookups_by_the_bits_they_read():
     assert frontier.fmt_reads({}) == "n/a"  # a row from before the benchmark recorded them
 
 
-def spread_on_a_frontier_plot(points: list, xlim: tuple):
+def spread_on_a_frontier_plot(points: list, xlim: tuple, names: list | None = None):
     """Markers at `points` on a log-scale axes like the frontier's, each with a name spread by
     frontier.spread_labels; the figure, its axes, the drawn boxes of the names and a renderer."""
     import matplotlib
@@ -817,7 +817,8 @@ def spread_on_a_frontier_plot(points: list, xlim: tuple):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(*zip(*points), "o")
-    labels = [ax.annotate(f"model_{i}_name", p, textcoords="offset points", xytext=(6, 4), fontsize=8) for i, p in enumerate(points)]
+    names = names or [f"model_{i}_name" for i in range(len(points))]
+    labels = [ax.annotate(name, p, textcoords="offset points", xytext=(6, 4), fontsize=8) for name, p in zip(names, points)]
     ax.set_xscale("log")
     ax.set_xlim(*xlim)
     ax.set_ylim(0.55, 0.87)
@@ -841,6 +842,25 @@ def test_frontier_labels_overlap_no_point_and_no_other_label():
         # beside its own point: its nearest edge within 12 px of the marker's centre, both ways
         x, y = ax.transData.transform(points[i])
         assert min(abs(box.x0 - x), abs(box.x1 - x)) < 12 and (box.y0 - 12 < y < box.y1 + 12)
+    plt.close(fig)
+
+
+def test_frontier_labels_clear_a_neighbours_marker_just_above():
+    """7 December's frontier: the default's long name, right of its point at 9.2 s, would cross
+    fast_e80_kdw's marker just above it at 21.4 s, and on the left it leaves the axes; it goes one
+    line higher, still beside its point, and no name overlaps another or a marker."""
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    rows = [("fast10g_c128_2x80_kdw", 6.9, 0.7972), ("fast10g_kd", 8.4, 0.7653), ("fast10g_h256_2x80_kdw", 9.2, 0.8082),
+            ("fast10w", 12.1, 0.7597), ("fast_e80_kdw", 21.4, 0.8097), ("fast", 33.1, 0.786)]
+    points = [(x, y) for _, x, y in rows]
+    fig, ax, boxes, _ = spread_on_a_frontier_plot(points, (3.45, 20000), names=[n for n, _, _ in rows])
+    markers = [Bbox.from_bounds(x - 4, y - 4, 8, 8) for x, y in ax.transData.transform(points)]
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[:i] + boxes[i + 1:] + markers), rows[i][0]
+        x, y = ax.transData.transform(points[i])
+        assert min(abs(box.x0 - x), abs(box.x1 - x)) < 12 and (box.y0 - 20 < y < box.y1 + 20), rows[i][0]
     plt.close(fig)
 
 
