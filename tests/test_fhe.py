@@ -705,9 +705,12 @@ def test_cpu_jiffies_reads_this_machine():
 
 @needs_dataset
 @pytest.mark.slow
-def test_shipped_fast_model_under_real_fhe(tmp_path):
-    """One test image through the deployed setting (~30 s of FHE on 2 cores)."""
-    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "fast.pt"
+def test_the_default_model_under_real_fhe(tmp_path):
+    """One test image through the default model at its deployed setting (about 10 s of FHE on 2
+    cores): the checkpoint `make run` and every script use when given none."""
+    from checkpoints import DEFAULT_CHECKPOINT
+
+    ckpt = Path(__file__).resolve().parents[1] / DEFAULT_CHECKPOINT
     fhe_inference.main(["--checkpoint", str(ckpt), "--data-dir", str(SHARED), "--n-images", "1", "--out-dir", str(tmp_path)])
     (row,) = csv.DictReader(open(tmp_path / "predictions.csv"))
     fhe_logits = np.array(row["fhe_logits"].split(), dtype=float)
