@@ -80,13 +80,17 @@ notebook: install
 # fast10g_c128_h256 (80 epochs from scratch of fast10g_c128 with fast10g_h256's hidden linear: 698
 # lookups from half the encrypted inputs, the accuracy the hidden linear adds at the cost c128 saves;
 # step 13's fast10g_c128_2x80 ended 0.3 points short of the fast target at 6.9 s on the AVX-512 AMD
-# EPYC) and fast10g_c128_h256_2x80 (its second 80-epoch cycle), both capped and fitted as step 13. A finished student is evaluated in torch, its p_error
+# EPYC) and fast10g_c128_h256_2x80 (its second 80-epoch cycle), both capped and fitted as step 13.
+# Then fast_e80_2x80 (step 16, queued on 7 December: the 2,314-lookup fast_e80's weights through a
+# second 80-epoch cycle, which gave the 570- and 698-lookup students 0.3 to 0.7 points in torch;
+# the accurate target's side of the frontier, searched at the shipped fast_e80_kdw's tolerance
+# 0.01, uncapped: its 60 s leaves room). A finished student is evaluated in torch, its p_error
 # searched and written into it as fast10g_kd's was, and benchmarked (full test split, 3
 # simulations, 5 images in real FHE) from checkpoints/in_training/; the benchmark's JSON marks
 # the step done. Shipping it (a copy to checkpoints/, benchmark.py's default rows, the README) is
 # decided by hand on those results.
 TRAINING ?= checkpoints/in_training
-STUDENTS := fast10g4 fast accurate60 fast_a4 accurate fast_e80 fast10g_e80 fast10g_2x80 fast10g_h256 fast10g_c128 fast10g_c128_2x80 fast10g_h256_2x80 fast10g_c128_h256 fast10g_c128_h256_2x80
+STUDENTS := fast10g4 fast accurate60 fast_a4 accurate fast_e80 fast10g_e80 fast10g_2x80 fast10g_h256 fast10g_c128 fast10g_c128_2x80 fast10g_h256_2x80 fast10g_c128_h256 fast10g_c128_h256_2x80 fast_e80_2x80
 # A student named apart from its layout (models.py) trains the layout given here.
 MODEL_fast_e80 := fast
 MODEL_fast10g_e80 := fast10g
@@ -94,6 +98,7 @@ MODEL_fast10g_2x80 := fast10g
 MODEL_fast10g_h256_2x80 := fast10g_h256
 MODEL_fast10g_c128_2x80 := fast10g_c128
 MODEL_fast10g_c128_h256_2x80 := fast10g_c128_h256
+MODEL_fast_e80_2x80 := fast
 EPOCHS_fast := 40
 EPOCHS_accurate60 := 40
 EPOCHS_fast_a4 := 40
@@ -107,11 +112,13 @@ EPOCHS_fast10g_c128 := 80
 EPOCHS_fast10g_c128_2x80 := 80
 EPOCHS_fast10g_c128_h256 := 80
 EPOCHS_fast10g_c128_h256_2x80 := 80
+EPOCHS_fast_e80_2x80 := 80
 # A student that starts from another's weights (--init), not from random ones.
 INIT_fast10g_2x80 := $(TRAINING)/fast10g_e80_kdw.pt
 INIT_fast10g_h256_2x80 := $(TRAINING)/fast10g_h256_kdw.pt
 INIT_fast10g_c128_2x80 := $(TRAINING)/fast10g_c128_kdw.pt
 INIT_fast10g_c128_h256_2x80 := $(TRAINING)/fast10g_c128_h256_kdw.pt
+INIT_fast_e80_2x80 := $(TRAINING)/fast_e80_kdw.pt
 # The search's tolerance (top-1 drop from the clear quantized model on 1,000 training images):
 # fast10g_kd's 0.005, except accurate60, whose 6-bit rounding alone lost 0.0065 at p_error 1e-6
 # (results/accurate60/p_error_search_tolerance_0.005.log), so no p_error met 0.005; and accurate,
@@ -128,6 +135,7 @@ TOLERANCE_fast10g_c128 := 0.01
 TOLERANCE_fast10g_c128_2x80 := 0.01
 TOLERANCE_fast10g_c128_h256 := 0.01
 TOLERANCE_fast10g_c128_h256_2x80 := 0.01
+TOLERANCE_fast_e80_2x80 := 0.01
 # Then walk p_error down while Concrete's complexity stays within 10 % (p_error_search.py
 # --cost-slack): fast10g_2x80's searched 0.146 went down to 0.0616 for 9 % more complexity, at the
 # same crypto parameters but the LWE dimension, and lost nothing in validation where 0.146 lost 0.8

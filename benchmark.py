@@ -70,6 +70,7 @@ SETTINGS = {
     "fast10g_c128_h256": {},  # the same with a hidden linear of 256, untrained
     "fast10g_c128_h256_kdw": {},  # fast10g_c128_h256 distilled from resnet_w with 80 epochs (make training's step 14)
     "fast10g_c128_h256_2x80_kdw": {},  # fast10g_c128_h256_kdw trained through a second 80-epoch cycle (step 15)
+    "fast_e80_2x80_kdw": {},  # fast_e80_kdw trained through a second 80-epoch cycle (step 16)
     # "fit_lookups": lookups that would read more bits than rounding_bits drop the excess
     # (fhe.CompileOptions.fit_lookups), here for an untrained layout; a trained one stores it
     "fast10g_c128_fit": {"model": "fast10g_c128", "fit_lookups": True},
