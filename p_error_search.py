@@ -339,9 +339,17 @@ def main(argv=None) -> dict:
 
         def accuracy_at(p):
             acc = float(np.mean(top1s(p, cfg.n_sim, f"p_error {p:.3g}")))
-            bar.update()
             tqdm.write(f"p_error {p:10.4g}  simulated top-1 {acc:.4f}  drop {reference - acc:+.4f}")
             return acc
+
+        def bisect(upper: float, desc: str):
+            """bisect_log from `upper` down to --lower, with a progress bar over its compiles."""
+            with tqdm(total=cfg.max_iter + 2, desc=desc, leave=False) as bar:
+                def counted(p):
+                    acc = accuracy_at(p)
+                    bar.update()
+                    return acc
+                return bisect_log(counted, reference, cfg.tolerance, cfg.lower, upper, cfg.max_iter)
 
         t0 = time.perf_counter()
         if earlier:  # its accuracies, judged against this --tolerance
@@ -349,9 +357,7 @@ def main(argv=None) -> dict:
             largest = max((p for p, _, ok in trace if ok), default=None)
             print(f"bisection of {cfg.from_search}: {len(trace)} values, largest passing p_error " + (f"{largest:.4g}" if largest else "none"))
         else:
-            bar = tqdm(total=cfg.max_iter + 2, desc="p_error search", leave=False)
-            chosen, trace = bisect_log(accuracy_at, reference, cfg.tolerance, cfg.lower, cfg.upper, cfg.max_iter)
-            bar.close()
+            chosen, trace = bisect(cfg.upper, "p_error search")
             if chosen is None:
                 raise UserError(f"even p_error={cfg.lower:g} loses more than {cfg.tolerance} top-1: lower --lower or raise --tolerance")
             print(f"bisection: largest passing p_error {chosen:.4g} ({time.perf_counter() - t0:.0f} s)")
@@ -368,12 +374,8 @@ def main(argv=None) -> dict:
             chosen, validations = largest, []
         else:
             def bisect_below(upper):
-                nonlocal bar
                 print(f"no value that passed holds its validation: bisecting again below, from p_error {upper:.4g}")
-                bar = tqdm(total=cfg.max_iter + 2, desc="p_error search again", leave=False)
-                again = bisect_log(accuracy_at, reference, cfg.tolerance, cfg.lower, upper, cfg.max_iter)
-                bar.close()
-                return again
+                return bisect(upper, "p_error search again")
 
             # a reused bisection is only validated (--from-search): no new one
             chosen, trace, validations = validate_rebisecting(drops_at, bisect_below, trace, cfg.tolerance, cfg.lower,

@@ -21,7 +21,7 @@ from cli import UserError
 from conftest import SHARED, TINY_G2, needs_dataset
 from fhe import CompileOptions, clear_features, compile_checkpoint, compile_options, evaluate, quantized_logits
 from models import TINY, conv_out
-from p_error_search import SLACK_STEP, bisect_log, lower_within_cost, raise_within_cost, validate_down, validate_rebisecting
+from p_error_search import SLACK_STEP, bisect_log, lower_within_cost, raise_within_cost, validate_down, validate_rebisecting, within
 from provenance import hardware
 
 # A very small p_error (over the ~450 PBS of the tiny circuit an error is ~1e-6 likely) and
@@ -313,7 +313,7 @@ def test_a_lucky_upper_is_bisected_again_below():
     assert uppers == [pytest.approx(0.5 * SLACK_STEP)] and tried[0] == 0.5
     assert threshold / 1.01 < chosen <= threshold and tried[-1] == chosen
     assert [v["p_error"] for v in validations] == tried and len(trace) > len(first[1])
-    assert within_tolerance(validations[-1]) and not within_tolerance(validations[0])
+    assert within(validations[-1]["mean_drop"], 0.01) and not within(validations[0]["mean_drop"], 0.01)
     # off (rounds=0, as with --from-search) or nothing holding anywhere: none, after at most the rounds allowed
     assert validate_rebisecting(drops_at, bisect_below, first[1], 0.01, 1e-6, rounds=0)[0] is None
     lucky = []  # every bisection passes its --upper by luck, every validation fails
@@ -324,10 +324,6 @@ def test_a_lucky_upper_is_bisected_again_below():
 
     assert validate_rebisecting(lambda p: [0.05], lucky_below, first[1], 0.01, 1e-6, rounds=3)[0] is None
     assert lucky == pytest.approx([0.5 * SLACK_STEP ** k for k in (1, 2, 3)])
-
-
-def within_tolerance(validation, tolerance=0.01):
-    return validation["mean_drop"] <= tolerance
 
 
 def test_cost_slack_walks_down_while_the_cost_holds():
@@ -835,17 +831,23 @@ def test_frontier_labels_overlap_no_point_and_no_other_label():
     """Neighbouring models on the frontier plot (fast10w, fast10, fast10w_r5 lie within a second
     and 2 points of each other) keep their names readable and beside their own points."""
     import matplotlib.pyplot as plt
-    from matplotlib.transforms import Bbox
 
     points = [(6.4, 0.764), (12.1, 0.760), (12.9, 0.745), (13.4, 0.736), (33.1, 0.786), (36.0, 0.793)]
     fig, ax, boxes, _ = spread_on_a_frontier_plot(points, (3, 20000))
+    assert_apart_and_beside(ax, boxes, points, [f"label {i}" for i in range(len(points))], beside_y_px=12)
+    plt.close(fig)
+
+
+def assert_apart_and_beside(ax, boxes, points, names, beside_y_px):
+    """No drawn name overlaps another or a marker (~8 px), and each is beside its own point: its
+    nearest edge within 12 px of the marker's centre across, within beside_y_px of it up and down."""
+    from matplotlib.transforms import Bbox
+
     markers = [Bbox.from_bounds(x - 4, y - 4, 8, 8) for x, y in ax.transData.transform(points)]
     for i, box in enumerate(boxes):
-        assert not any(box.overlaps(other) for other in boxes[:i] + boxes[i + 1:] + markers), f"label {i}"
-        # beside its own point: its nearest edge within 12 px of the marker's centre, both ways
+        assert not any(box.overlaps(other) for other in boxes[:i] + boxes[i + 1:] + markers), names[i]
         x, y = ax.transData.transform(points[i])
-        assert min(abs(box.x0 - x), abs(box.x1 - x)) < 12 and (box.y0 - 12 < y < box.y1 + 12)
-    plt.close(fig)
+        assert min(abs(box.x0 - x), abs(box.x1 - x)) < 12 and (box.y0 - beside_y_px < y < box.y1 + beside_y_px), names[i]
 
 
 def test_frontier_labels_clear_a_neighbours_marker_just_above():
@@ -853,17 +855,13 @@ def test_frontier_labels_clear_a_neighbours_marker_just_above():
     fast_e80_kdw's marker just above it at 21.4 s, and on the left it leaves the axes; it goes one
     line higher, still beside its point, and no name overlaps another or a marker."""
     import matplotlib.pyplot as plt
-    from matplotlib.transforms import Bbox
 
     rows = [("fast10g_c128_2x80_kdw", 6.9, 0.7972), ("fast10g_kd", 8.4, 0.7653), ("fast10g_h256_2x80_kdw", 9.2, 0.8082),
             ("fast10w", 12.1, 0.7597), ("fast_e80_kdw", 21.4, 0.8097), ("fast", 33.1, 0.786)]
     points = [(x, y) for _, x, y in rows]
-    fig, ax, boxes, _ = spread_on_a_frontier_plot(points, (3.45, 20000), names=[n for n, _, _ in rows])
-    markers = [Bbox.from_bounds(x - 4, y - 4, 8, 8) for x, y in ax.transData.transform(points)]
-    for i, box in enumerate(boxes):
-        assert not any(box.overlaps(other) for other in boxes[:i] + boxes[i + 1:] + markers), rows[i][0]
-        x, y = ax.transData.transform(points[i])
-        assert min(abs(box.x0 - x), abs(box.x1 - x)) < 12 and (box.y0 - 20 < y < box.y1 + 20), rows[i][0]
+    names = [n for n, _, _ in rows]
+    fig, ax, boxes, _ = spread_on_a_frontier_plot(points, (3.45, 20000), names=names)
+    assert_apart_and_beside(ax, boxes, points, names, beside_y_px=20)
     plt.close(fig)
 
 
